@@ -1,0 +1,250 @@
+"""Public ops of DESIGN.md §2.
+
+Each op checks its inputs once, here, then dispatches to a backend:
+``backend=None`` follows :func:`solo_fast.use_backend` / ``SOLO_FAST_BACKEND`` (default
+``"auto"``); ``"auto"`` picks the fastest implementation registered for the tensors'
+device and falls back to ``"reference"``. Fast implementations register themselves with
+:func:`solo_fast._backend.register` from the modules imported at the bottom of this file.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from .. import _backend
+from . import _checks, reference
+from .reference import Targets
+
+__all__ = [
+    "Targets",
+    "matrix_nms",
+    "center_region_assign",
+    "center_region_assign_batch",
+    "coord_conv2d",
+    "mask_predict",
+    "available_backends",
+]
+
+_always = lambda device_type: True  # noqa: E731
+for _name in ("matrix_nms", "center_region_assign", "coord_conv2d", "mask_predict"):
+    _backend.register(_name, "reference", _always)(getattr(reference, _name))
+
+
+def available_backends(op: str, device: Union[str, torch.device] = "cpu") -> Tuple[str, ...]:
+    """Concrete backends of ``op`` usable for tensors on ``device`` on this machine."""
+    return _backend.available_backends(op, torch.device(device).type)
+
+
+# --------------------------------------------------------------------------------------
+def matrix_nms(
+    masks: torch.Tensor,
+    labels: torch.Tensor,
+    scores: torch.Tensor,
+    *,
+    mask_area: Optional[torch.Tensor] = None,
+    kernel: str = "gaussian",
+    sigma: float = 2.0,
+    filter_thr: float = -1.0,
+    nms_pre: int = -1,
+    max_num: int = -1,
+    backend: Optional[str] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Matrix NMS over ``masks`` [N, H, W] (bool/uint8); returns (scores, labels, masks, keep_inds).
+
+    See DESIGN.md §2 for the exact function. ``keep_inds`` index the inputs.
+    """
+    _checks.tensor("masks", masks, ndim=3, dtypes=_checks.MASK_DTYPES)
+    _checks.tensor("labels", labels, ndim=1)
+    _checks.tensor("scores", scores, ndim=1, dtypes=_checks.FLOAT_DTYPES)
+    n = masks.shape[0]
+    _checks.length("labels", labels, n, "mask")
+    _checks.length("scores", scores, n, "mask")
+    if labels.is_floating_point() or labels.is_complex():
+        raise ValueError(f"labels: expected an integer dtype, got {labels.dtype}")
+    if bool(torch.isnan(scores).any()):
+        raise ValueError("scores: expected no NaN values")
+    if mask_area is not None:
+        _checks.tensor("mask_area", mask_area, ndim=1)
+        _checks.length("mask_area", mask_area, n, "mask")
+    if kernel not in ("gaussian", "linear"):
+        raise ValueError(f"kernel: expected 'gaussian' or 'linear', got {kernel!r}")
+    if not isinstance(sigma, (int, float)) or not math.isfinite(sigma) or sigma <= 0:
+        raise ValueError(f"sigma: expected a positive finite number, got {sigma!r}")
+    for name, v in (("nms_pre", nms_pre), ("max_num", max_num)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ValueError(f"{name}: expected an int (<= 0 disables it), got {v!r}")
+    _checks.same_device(masks=masks, labels=labels, scores=scores, mask_area=mask_area)
+    _, fn = _backend.resolve("matrix_nms", backend, masks.device.type)
+    return fn(
+        masks, labels, scores, mask_area=mask_area, kernel=kernel, sigma=float(sigma),
+        filter_thr=float(filter_thr), nms_pre=nms_pre, max_num=max_num,
+    )
+
+
+# --------------------------------------------------------------------------------------
+def _check_assign_config(pad_shape, num_grids, scale_ranges, pos_scale, num_classes, mask_stride):
+    if (
+        not isinstance(pad_shape, (tuple, list))
+        or len(pad_shape) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in pad_shape)
+    ):
+        raise ValueError(f"pad_shape: expected (height, width) of positive ints, got {pad_shape!r}")
+    if not isinstance(num_grids, (tuple, list)) or len(num_grids) == 0:
+        raise ValueError(f"num_grids: expected a non-empty list of grid sizes, got {num_grids!r}")
+    for s in num_grids:
+        _checks.positive_int("num_grids", s)
+    if not isinstance(scale_ranges, (tuple, list)) or len(scale_ranges) != len(num_grids):
+        raise ValueError(
+            f"scale_ranges: expected {len(num_grids)} (lo, hi) pairs (one per entry of num_grids), got {scale_ranges!r}"
+        )
+    for r in scale_ranges:
+        if not isinstance(r, (tuple, list)) or len(r) != 2 or not r[0] <= r[1]:
+            raise ValueError(f"scale_ranges: expected (lo, hi) pairs with lo <= hi, got {r!r}")
+    if not isinstance(pos_scale, (int, float)) or not 0 <= pos_scale <= 1 or isinstance(pos_scale, bool):
+        raise ValueError(f"pos_scale: expected a number in [0, 1], got {pos_scale!r}")
+    _checks.positive_int("num_classes", num_classes)
+    strides = [mask_stride] * len(num_grids) if isinstance(mask_stride, int) else mask_stride
+    if not isinstance(strides, (tuple, list)) or len(strides) != len(num_grids):
+        raise ValueError(
+            f"mask_stride: expected an int or {len(num_grids)} ints (one per entry of num_grids), got {mask_stride!r}"
+        )
+    for s in strides:
+        _checks.positive_int("mask_stride", s)
+        if pad_shape[0] % s or pad_shape[1] % s:
+            raise ValueError(f"mask_stride: {s} does not divide pad_shape {tuple(pad_shape)}")
+
+
+def _check_assign_image(gt_masks, gt_labels, gt_boxes, pad_shape, num_classes, where=""):
+    _checks.tensor(f"gt_masks{where}", gt_masks, ndim=3, dtypes=_checks.MASK_DTYPES)
+    if tuple(gt_masks.shape[1:]) != tuple(pad_shape):
+        raise ValueError(f"gt_masks{where}: expected masks of pad_shape {tuple(pad_shape)}, got {tuple(gt_masks.shape[1:])}")
+    _checks.tensor(f"gt_labels{where}", gt_labels, ndim=1, dtypes=(torch.int64, torch.int32))
+    _checks.length(f"gt_labels{where}", gt_labels, gt_masks.shape[0], "mask")
+    if gt_labels.numel() and (int(gt_labels.min()) < 0 or int(gt_labels.max()) >= num_classes):
+        raise ValueError(f"gt_labels{where}: expected values in [0, {num_classes}), got range "
+                         f"[{int(gt_labels.min())}, {int(gt_labels.max())}]")
+    if gt_boxes is not None:
+        _checks.tensor(f"gt_boxes{where}", gt_boxes, ndim=2, dtypes=_checks.FLOAT_DTYPES)
+        if gt_boxes.shape[1] != 4:
+            raise ValueError(f"gt_boxes{where}: expected shape [M, 4] (xyxy), got {tuple(gt_boxes.shape)}")
+        _checks.length(f"gt_boxes{where}", gt_boxes, gt_masks.shape[0], "mask")
+        _checks.finite(f"gt_boxes{where}", gt_boxes)
+        if bool((gt_boxes[:, 2] < gt_boxes[:, 0]).any() or (gt_boxes[:, 3] < gt_boxes[:, 1]).any()):
+            raise ValueError(f"gt_boxes{where}: expected x2 >= x1 and y2 >= y1 for every box")
+    _checks.same_device(gt_masks=gt_masks, gt_labels=gt_labels, gt_boxes=gt_boxes)
+
+
+def center_region_assign(
+    gt_masks: torch.Tensor,
+    gt_labels: torch.Tensor,
+    gt_boxes: Optional[torch.Tensor] = None,
+    *,
+    pad_shape: Tuple[int, int],
+    num_grids: Sequence[int],
+    scale_ranges: Sequence[Tuple[float, float]],
+    pos_scale: float = 0.2,
+    num_classes: int,
+    mask_stride: Union[int, Sequence[int]],
+    backend: Optional[str] = None,
+) -> Targets:
+    """SOLO's center-region label assignment for one image; returns :class:`Targets`."""
+    pad_shape = tuple(pad_shape) if isinstance(pad_shape, (tuple, list)) else pad_shape
+    _check_assign_config(pad_shape, num_grids, scale_ranges, pos_scale, num_classes, mask_stride)
+    _check_assign_image(gt_masks, gt_labels, gt_boxes, pad_shape, num_classes)
+    _, fn = _backend.resolve("center_region_assign", backend, gt_masks.device.type)
+    return fn(
+        gt_masks, gt_labels.long(), gt_boxes, pad_shape=pad_shape, num_grids=list(num_grids),
+        scale_ranges=[tuple(r) for r in scale_ranges], pos_scale=float(pos_scale),
+        num_classes=num_classes, mask_stride=mask_stride,
+    )
+
+
+def center_region_assign_batch(
+    gt_masks: Sequence[torch.Tensor],
+    gt_labels: Sequence[torch.Tensor],
+    gt_boxes: Optional[Sequence[Optional[torch.Tensor]]] = None,
+    **kwargs,
+) -> List[Targets]:
+    """:func:`center_region_assign` over a list of images (all padded to ``pad_shape``)."""
+    if not isinstance(gt_masks, (list, tuple)) or not isinstance(gt_labels, (list, tuple)):
+        raise ValueError("gt_masks, gt_labels: expected lists with one tensor per image")
+    if len(gt_masks) != len(gt_labels):
+        raise ValueError(f"gt_labels: expected {len(gt_masks)} tensors (one per image), got {len(gt_labels)}")
+    boxes = [None] * len(gt_masks) if gt_boxes is None else list(gt_boxes)
+    if len(boxes) != len(gt_masks):
+        raise ValueError(f"gt_boxes: expected {len(gt_masks)} entries (one per image), got {len(boxes)}")
+    return [center_region_assign(m, l, b, **kwargs) for m, l, b in zip(gt_masks, gt_labels, boxes)]
+
+
+# --------------------------------------------------------------------------------------
+def coord_conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    padding: int = 1,
+    coords: str = "xy",
+    coord_src_size: Optional[Tuple[int, int]] = None,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """CoordConv: ``conv2d(cat([x, xx, yy], 1), weight, bias, padding=padding)``."""
+    _checks.tensor("x", x, ndim=4, dtypes=_checks.FLOAT_DTYPES)
+    _checks.tensor("weight", weight, ndim=4, dtypes=_checks.FLOAT_DTYPES)
+    if coords not in ("xy", "x", "y"):
+        raise ValueError(f"coords: expected 'xy', 'x' or 'y', got {coords!r}")
+    need = x.shape[1] + len(coords)
+    if weight.shape[1] != need:
+        raise ValueError(
+            f"weight: expected {need} input channels (x has {x.shape[1]} plus {len(coords)} coordinate "
+            f"channel(s) for coords={coords!r}), got {weight.shape[1]}"
+        )
+    if bias is not None:
+        _checks.tensor("bias", bias, ndim=1)
+        _checks.length("bias", bias, weight.shape[0], "output channel")
+    if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
+        raise ValueError(f"padding: expected a non-negative int, got {padding!r}")
+    if coord_src_size is not None and (
+        not isinstance(coord_src_size, (tuple, list)) or len(coord_src_size) != 2
+        or not all(isinstance(v, int) and v > 0 for v in coord_src_size)
+    ):
+        raise ValueError(f"coord_src_size: expected (height, width) of positive ints, got {coord_src_size!r}")
+    _checks.same_device(x=x, weight=weight, bias=bias)
+    _, fn = _backend.resolve("coord_conv2d", backend, x.device.type)
+    return fn(x, weight, bias, padding=padding, coords=coords,
+              coord_src_size=None if coord_src_size is None else tuple(coord_src_size))
+
+
+# --------------------------------------------------------------------------------------
+def mask_predict(
+    features: torch.Tensor,
+    kernels: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    mask_thr: float = 0.5,
+    out_dtype: Optional[torch.dtype] = None,
+    backend: Optional[str] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``soft = sigmoid(kernels @ features + bias)``; returns (soft, binary, area, maskness)."""
+    _checks.tensor("features", features, ndim=3, dtypes=_checks.FLOAT_DTYPES)
+    _checks.tensor("kernels", kernels, ndim=2, dtypes=_checks.FLOAT_DTYPES)
+    if kernels.shape[1] != features.shape[0]:
+        raise ValueError(
+            f"kernels: expected {features.shape[0]} columns (the channels of features), got {kernels.shape[1]}"
+        )
+    if bias is not None:
+        _checks.tensor("bias", bias, ndim=1)
+        _checks.length("bias", bias, kernels.shape[0], "kernel")
+    if not isinstance(mask_thr, (int, float)) or not 0 <= mask_thr <= 1:
+        raise ValueError(f"mask_thr: expected a number in [0, 1], got {mask_thr!r}")
+    if out_dtype is not None and out_dtype not in _checks.FLOAT_DTYPES:
+        raise ValueError(f"out_dtype: expected a floating dtype, got {out_dtype!r}")
+    _checks.same_device(features=features, kernels=kernels, bias=bias)
+    _, fn = _backend.resolve("mask_predict", backend, features.device.type)
+    return fn(features, kernels, bias, mask_thr=float(mask_thr), out_dtype=out_dtype)
+
+
+# Fast implementations register themselves on import; each module guards its own
+# optional dependency (the compiled extension, triton) and stays silent when absent.
+from . import _fast  # noqa: E402,F401

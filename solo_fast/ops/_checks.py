@@ -1,0 +1,43 @@
+"""Input checks shared by the public ops: bad input gets a ValueError naming the argument."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+
+def tensor(name: str, value, *, ndim: int | None = None, dtypes: Sequence[torch.dtype] | None = None) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+    if ndim is not None and value.dim() != ndim:
+        raise ValueError(f"{name}: expected a {ndim}-D tensor, got shape {tuple(value.shape)}")
+    if dtypes is not None and value.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise ValueError(f"{name}: expected dtype in ({names}), got {str(value.dtype).replace('torch.', '')}")
+    return value
+
+
+def length(name: str, value: torch.Tensor, expected: int, other: str) -> None:
+    if value.shape[0] != expected:
+        raise ValueError(f"{name}: expected {expected} entries (one per {other}), got {value.shape[0]}")
+
+
+def same_device(**tensors: torch.Tensor) -> None:
+    devices = {n: t.device for n, t in tensors.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        raise ValueError(f"expected all tensors on one device, got {devices}")
+
+
+def finite(name: str, value: torch.Tensor) -> None:
+    if value.is_floating_point() and value.numel() and not bool(torch.isfinite(value).all()):
+        raise ValueError(f"{name}: expected finite values, got NaN or Inf")
+
+
+def positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    return value
+
+
+MASK_DTYPES = (torch.bool, torch.uint8)
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

@@ -1,0 +1,5 @@
+"""Registers the fast implementations of the ops (C++/CUDA extension, Triton kernels).
+
+Each registration states on which device types it can run; ``auto`` picks them before
+the reference path (DESIGN.md §2).
+"""

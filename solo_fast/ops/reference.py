@@ -1,0 +1,263 @@
+"""The reference path: every op of DESIGN.md §2 in plain PyTorch.
+
+This module is the single oracle that the fast paths (C++, CUDA, Triton) are tested
+against. It favours the obvious formulation over speed. Inputs are assumed to be
+validated by the public wrappers in :mod:`solo_fast.ops`.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+
+class Targets(NamedTuple):
+    """Per-level training targets of one image (see DESIGN.md §2)."""
+
+    labels: List[torch.Tensor]  # [S, S] int64, background = num_classes
+    pos_cells: List[torch.Tensor]  # [P] int64 flat cell indices i*S+j, ascending
+    pos_instance: List[torch.Tensor]  # [P] int64 instance of each positive cell
+    mask_targets: List[torch.Tensor]  # [M, H/stride, W/stride] uint8, shared between same-stride levels
+
+
+# --------------------------------------------------------------------------------------
+# Matrix NMS
+# --------------------------------------------------------------------------------------
+def matrix_decay(masks: torch.Tensor, labels: torch.Tensor, areas: torch.Tensor, kernel: str, sigma: float) -> torch.Tensor:
+    """Decay factor of each of N masks already sorted by descending score.
+
+    ``masks`` [N, H, W] bool/uint8, ``labels`` [N], ``areas`` [N]. Returns float32 [N].
+    This is the part a fast kernel replaces; sorting and filtering stay in
+    :func:`matrix_nms`.
+    """
+    n = masks.shape[0]
+    flat = masks.reshape(n, -1).float()
+    # 0/1 products summed in fp32 are exact up to 2**24 pixels per mask.
+    inter = flat @ flat.t()
+    areas = areas.float()
+    union = areas[:, None] + areas[None, :] - inter
+    # Two empty masks have union 0; their IoU is defined as 0 rather than NaN.
+    iou = (inter / union.clamp(min=1.0)).triu(diagonal=1)
+    same = (labels[:, None] == labels[None, :]).triu(diagonal=1)
+    iou = iou * same
+    comp = iou.max(dim=0).values  # comp[i]: largest IoU of mask i with any higher-scored mask
+    comp = comp[:, None].expand(n, n)  # row i holds comp[i]
+    if kernel == "gaussian":
+        ratio = torch.exp(-sigma * iou**2) / torch.exp(-sigma * comp**2)
+    else:  # linear; clamp so duplicates (IoU 1) give a decay of 0 instead of 0/0
+        ratio = (1.0 - iou) / (1.0 - comp).clamp(min=1e-6)
+    return ratio.min(dim=0).values
+
+
+def matrix_nms(
+    masks: torch.Tensor,
+    labels: torch.Tensor,
+    scores: torch.Tensor,
+    *,
+    mask_area: Optional[torch.Tensor] = None,
+    kernel: str = "gaussian",
+    sigma: float = 2.0,
+    filter_thr: float = -1.0,
+    nms_pre: int = -1,
+    max_num: int = -1,
+    decay_fn=None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Matrix NMS of SOLOv2 (mmdetection's ``mask_matrix_nms`` semantics).
+
+    ``decay_fn`` lets a fast backend supply :func:`matrix_decay`'s replacement while
+    the sorting and filtering below stay shared.
+    """
+    decay_fn = decay_fn or matrix_decay
+    device = scores.device
+    empty = (
+        scores.new_zeros(0),
+        labels.new_zeros(0),
+        masks.new_zeros((0,) + tuple(masks.shape[1:])),
+        torch.zeros(0, dtype=torch.long, device=device),
+    )
+    if masks.shape[0] == 0:
+        return empty
+    if mask_area is None:
+        mask_area = masks.reshape(masks.shape[0], -1).sum(1)
+    # Stable sort: ties keep the lower input index first.
+    order = torch.sort(scores, descending=True, stable=True).indices
+    if nms_pre > 0:
+        order = order[:nms_pre]
+    sorted_scores = scores[order]
+    sorted_labels = labels[order]
+    sorted_masks = masks[order]
+    decay = decay_fn(sorted_masks, sorted_labels, mask_area[order], kernel, sigma)
+    new_scores = sorted_scores * decay.to(sorted_scores.dtype)
+    if filter_thr > 0:
+        keep = new_scores >= filter_thr
+        if not bool(keep.any()):
+            return empty
+        order, new_scores = order[keep], new_scores[keep]
+        sorted_labels, sorted_masks = sorted_labels[keep], sorted_masks[keep]
+    resort = torch.sort(new_scores, descending=True, stable=True).indices
+    if max_num > 0:
+        resort = resort[:max_num]
+    return new_scores[resort], sorted_labels[resort], sorted_masks[resort], order[resort]
+
+
+# --------------------------------------------------------------------------------------
+# Center-region label assignment
+# --------------------------------------------------------------------------------------
+def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
+    """Tight xyxy boxes ``(min col, min row, max col + 1, max row + 1)``; zeros for empty masks."""
+    m = masks.shape[0]
+    if m == 0:
+        return torch.zeros(0, 4, dtype=torch.float32, device=masks.device)
+    rows = masks.bool().any(dim=2)  # [M, H]
+    cols = masks.bool().any(dim=1)  # [M, W]
+    h, w = rows.shape[1], cols.shape[1]
+    r_idx = torch.arange(h, device=masks.device)
+    c_idx = torch.arange(w, device=masks.device)
+    big = max(h, w) + 1
+    y1 = torch.where(rows, r_idx, big).min(1).values
+    y2 = torch.where(rows, r_idx, -1).max(1).values + 1
+    x1 = torch.where(cols, c_idx, big).min(1).values
+    x2 = torch.where(cols, c_idx, -1).max(1).values + 1
+    boxes = torch.stack([x1, y1, x2, y2], 1).float()
+    return torch.where(rows.any(1, keepdim=True), boxes, torch.zeros_like(boxes))
+
+
+def downsample_masks(masks: torch.Tensor, stride: int) -> torch.Tensor:
+    """[M, H, W] 0/1 -> [M, H/stride, W/stride] uint8: bilinear (half-pixel centres), then >= 0.5."""
+    m, h, w = masks.shape
+    if m == 0:
+        return torch.zeros(0, h // stride, w // stride, dtype=torch.uint8, device=masks.device)
+    small = F.interpolate(masks[None].float(), size=(h // stride, w // stride), mode="bilinear", align_corners=False)
+    return (small[0] >= 0.5).to(torch.uint8)
+
+
+def center_region_assign(
+    gt_masks: torch.Tensor,
+    gt_labels: torch.Tensor,
+    gt_boxes: Optional[torch.Tensor] = None,
+    *,
+    pad_shape: Tuple[int, int],
+    num_grids: Sequence[int],
+    scale_ranges: Sequence[Tuple[float, float]],
+    pos_scale: float = 0.2,
+    num_classes: int,
+    mask_stride: Union[int, Sequence[int]],
+) -> Targets:
+    """SOLO's center-region label assignment for one image (DESIGN.md §2)."""
+    device = gt_masks.device
+    num_levels = len(num_grids)
+    strides = [int(mask_stride)] * num_levels if isinstance(mask_stride, int) else [int(s) for s in mask_stride]
+    H, W = int(pad_shape[0]), int(pad_shape[1])
+    M = gt_masks.shape[0]
+    masks = gt_masks.to(torch.uint8)
+    boxes = masks_to_boxes(masks) if gt_boxes is None else gt_boxes
+    boxes = boxes.double().cpu()
+
+    # Exact integer moments; the centre of mass is their float64 quotient.
+    rows = torch.arange(H, device=device, dtype=torch.int64)
+    cols = torch.arange(W, device=device, dtype=torch.int64)
+    m64 = masks.to(torch.int64)
+    area = m64.sum((1, 2)).cpu()
+    sum_r = (m64.sum(2) * rows).sum(1).cpu()
+    sum_c = (m64.sum(1) * cols).sum(1).cpu()
+
+    per_stride = {s: downsample_masks(masks, s) for s in dict.fromkeys(strides)}
+
+    labels_out, cells_out, inst_out, targets_out = [], [], [], []
+    for S, (lo, hi), stride in zip(num_grids, scale_ranges, strides):
+        S = int(S)
+        owner = [[-1] * S for _ in range(S)]
+        for m in range(M):
+            if int(area[m]) == 0:
+                continue
+            w = float(boxes[m, 2] - boxes[m, 0])
+            h = float(boxes[m, 3] - boxes[m, 1])
+            scale = math.sqrt(w * h)
+            if not (lo <= scale <= hi):
+                continue
+            cy = float(sum_r[m]) / float(area[m])
+            cx = float(sum_c[m]) / float(area[m])
+            ci = math.floor(cy / H * S)
+            cj = math.floor(cx / W * S)
+            top = max(0, math.floor((cy - 0.5 * h * pos_scale) / H * S), ci - 1)
+            down = min(S - 1, math.floor((cy + 0.5 * h * pos_scale) / H * S), ci + 1)
+            left = max(0, math.floor((cx - 0.5 * w * pos_scale) / W * S), cj - 1)
+            right = min(S - 1, math.floor((cx + 0.5 * w * pos_scale) / W * S), cj + 1)
+            for i in range(top, down + 1):
+                for j in range(left, right + 1):
+                    owner[i][j] = m  # later instances overwrite earlier ones
+        owner_t = torch.tensor(owner, dtype=torch.int64).reshape(-1)
+        pos = torch.nonzero(owner_t >= 0).reshape(-1)
+        inst = owner_t[pos]
+        lab = torch.full((S * S,), num_classes, dtype=torch.int64)
+        lab[pos] = gt_labels.cpu()[inst]
+        labels_out.append(lab.reshape(S, S).to(device))
+        cells_out.append(pos.to(device))
+        inst_out.append(inst.to(device))
+        targets_out.append(per_stride[stride])
+    return Targets(labels_out, cells_out, inst_out, targets_out)
+
+
+# --------------------------------------------------------------------------------------
+# CoordConv
+# --------------------------------------------------------------------------------------
+def coord_maps(
+    height: int,
+    width: int,
+    *,
+    coord_src_size: Optional[Tuple[int, int]] = None,
+    device=None,
+    dtype=torch.float32,
+) -> torch.Tensor:
+    """[1, 2, H, W] x then y coordinates in [-1, 1] (resized from ``coord_src_size`` if given)."""
+    h0, w0 = (height, width) if coord_src_size is None else (int(coord_src_size[0]), int(coord_src_size[1]))
+    xs = torch.linspace(-1, 1, w0, device=device, dtype=dtype)
+    ys = torch.linspace(-1, 1, h0, device=device, dtype=dtype)
+    yy, xx = torch.meshgrid(ys, xs, indexing="ij")
+    maps = torch.stack([xx, yy])[None]
+    if (h0, w0) != (height, width):
+        maps = F.interpolate(maps, size=(height, width), mode="bilinear", align_corners=False)
+    return maps
+
+
+def coord_conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    padding: int = 1,
+    coords: str = "xy",
+    coord_src_size: Optional[Tuple[int, int]] = None,
+) -> torch.Tensor:
+    """``conv2d(cat([x, xx, yy]), weight, bias)``: CoordConv by concatenation."""
+    b, _, h, w = x.shape
+    maps = coord_maps(h, w, coord_src_size=coord_src_size, device=x.device, dtype=x.dtype)
+    sel = {"xy": maps, "x": maps[:, :1], "y": maps[:, 1:]}[coords]
+    return F.conv2d(torch.cat([x, sel.expand(b, -1, -1, -1)], 1), weight, bias, padding=padding)
+
+
+# --------------------------------------------------------------------------------------
+# Mask prediction (SOLOv2 dynamic kernels, SOLO sparse inference)
+# --------------------------------------------------------------------------------------
+def mask_predict(
+    features: torch.Tensor,
+    kernels: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    mask_thr: float = 0.5,
+    out_dtype: Optional[torch.dtype] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``soft = sigmoid(kernels @ features + bias)`` with its binary mask, area and maskness."""
+    e, h, w = features.shape
+    logits = kernels.float() @ features.reshape(e, h * w).float()
+    if bias is not None:
+        logits = logits + bias.float()[:, None]
+    soft = logits.sigmoid().reshape(-1, h, w)
+    binary = soft > mask_thr
+    area = binary.sum((1, 2))
+    maskness = (soft * binary).sum((1, 2)) / area.clamp(min=1)
+    if out_dtype is None:
+        out_dtype = torch.float16 if features.is_cuda else torch.float32
+    return soft.to(out_dtype), binary, area, maskness
