@@ -1,12 +1,13 @@
 import os
 
-# The Triton interpreter must be chosen before triton is first imported (DESIGN.md §5):
-# it lets the Triton kernels run on CPU tensors on machines without a GPU.
-if not os.environ.get("CUDA_VISIBLE_DEVICES_FOR_TRITON"):
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+# The Triton interpreter must be chosen before triton is first imported (DESIGN.md §5):
+# without a GPU it runs the Triton kernels on CPU tensors. (Importing torch does not
+# import triton.)
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_configure(config):
