@@ -5,5 +5,7 @@ __version__ = "0.1.0"
 
 from ._backend import BackendUnavailableError, current_backend, use_backend
 from . import ops
+from .modeling import CONFIGS, SOLO
+from .results import SOLOResult
 
-__all__ = ["BackendUnavailableError", "current_backend", "use_backend", "ops", "__version__"]
+__all__ = ["SOLO", "SOLOResult", "CONFIGS", "BackendUnavailableError", "current_backend", "use_backend", "ops", "__version__"]

@@ -1,0 +1,238 @@
+"""``solo_fast.SOLO``: backbone + FPN + a SOLO-family head, with its own input transform."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import ops
+from ..results import SOLOResult, masks_to_boxes
+from . import configs
+from .backbone import ResNet
+from .fpn import FPN
+from .heads import build_head
+from .images import load_images
+from .losses import dice_loss, sigmoid_focal_loss
+from .postprocess import postprocess
+from .transform import InputTransform, check_image
+
+
+class SOLO(nn.Module):
+    """A model of the SOLO family by config name, e.g. ``SOLO("solov2_r50_fpn", num_classes=80)``.
+
+    Keyword ``overrides`` replace settings of the named config (see
+    :data:`solo_fast.modeling.configs.BASE`), e.g. ``min_size=512, max_size=852``.
+    """
+
+    def __init__(self, config: str = "solov2_r50_fpn", num_classes: int = 80, **overrides: Any):
+        super().__init__()
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes <= 0:
+            raise ValueError(f"num_classes: expected a positive int, got {num_classes!r}")
+        cfg = configs.get_config(config, **overrides)
+        cfg["num_classes"] = num_classes
+        self.cfg = cfg
+        self.class_names: Optional[List[str]] = None
+        self.backbone = ResNet(cfg["depth"], frozen_stages=cfg["frozen_stages"])
+        self.neck = FPN(self.backbone.out_channels, cfg["fpn_channels"], num_outs=len(cfg["strides"]))
+        self.mask_head = build_head(cfg)
+        self.transform = InputTransform(cfg["min_size"], cfg["max_size"], cfg["size_divisor"])
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def config_name(self) -> str:
+        return self.cfg["name"]
+
+    @property
+    def num_classes(self) -> int:
+        return self.cfg["num_classes"]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def mask_strides(self):
+        """Stride of each level's mask targets: SOLO's masks are at half the level stride, SOLOv2's at 4."""
+        if self.cfg["head"] == "solov2":
+            return 4
+        return [s // 2 for s in self.cfg["strides"]]
+
+    # ------------------------------------------------------------------ forward
+    def extract(self, batch: torch.Tensor):
+        return self.mask_head(self.neck(self.backbone(batch)))
+
+    def forward(self, images, targets: Optional[Sequence[Dict[str, torch.Tensor]]] = None):
+        """Train mode: ``{"loss_mask", "loss_cls"}``; eval mode: one dict per image with
+        ``masks`` (bool, original size), ``labels``, ``scores``, ``boxes``."""
+        images = self._check_images(images)
+        if self.training:
+            if targets is None:
+                raise ValueError("targets: required in training mode (a list of {'masks', 'labels'} dicts)")
+            return self._losses(images, self._check_targets(targets, images))
+        batch, metas = self.transform([img.to(self.device) for img in images])
+        out = self.extract(batch)
+        results = postprocess(self.mask_head, out, metas, self._test_cfg())
+        for r in results:
+            r["boxes"] = masks_to_boxes(r["masks"])
+        return results
+
+    # ------------------------------------------------------------------ training
+    def _losses(self, images, targets) -> Dict[str, torch.Tensor]:
+        cfg = self.cfg
+        dev = self.device
+        batch, metas, masks = self.transform(
+            [img.to(dev) for img in images], [t["masks"].to(dev) for t in targets], training=True
+        )
+        assigned = ops.center_region_assign_batch(
+            masks, [t["labels"].to(dev) for t in targets],
+            pad_shape=metas[0].pad_shape, num_grids=list(cfg["num_grids"]),
+            scale_ranges=[tuple(r) for r in cfg["scale_ranges"]], pos_scale=cfg["pos_scale"],
+            num_classes=cfg["num_classes"], mask_stride=self.mask_strides(),
+        )
+        out = self.extract(batch)
+        head = self.mask_head
+        C = cfg["num_classes"]
+        cls_flat = torch.cat([c.permute(0, 2, 3, 1).reshape(c.shape[0], -1, C) for c in out["cls"]], 1)
+        labels_flat = torch.stack([torch.cat([lab.reshape(-1) for lab in t.labels]) for t in assigned])
+        dices = []
+        for b, t in enumerate(assigned):
+            for level, cells in enumerate(t.pos_cells):
+                if cells.numel() == 0:
+                    continue
+                probs = head.positive_mask_probs(out, b, level, cells)
+                dices.append(dice_loss(probs, t.mask_targets[level][t.pos_instance[level]]))
+        num_pos = sum(int(c.numel()) for t in assigned for c in t.pos_cells)
+        loss_cls = sigmoid_focal_loss(cls_flat.reshape(-1, C).float(), labels_flat.reshape(-1), C,
+                                      alpha=cfg["focal_alpha"], gamma=cfg["focal_gamma"]) / (num_pos + 1)
+        if dices:
+            loss_mask = torch.cat(dices).sum() / num_pos
+        else:  # no positives in the batch: a zero that still belongs to the graph
+            loss_mask = cls_flat.sum() * 0.0
+        return {"loss_mask": loss_mask * cfg["mask_loss_weight"], "loss_cls": loss_cls * cfg["cls_loss_weight"]}
+
+    # ------------------------------------------------------------------ inference
+    def _test_cfg(self, **overrides) -> dict:
+        cfg = dict(self.cfg)
+        for key, value in overrides.items():
+            if key not in configs.TEST_KEYS:
+                raise ValueError(f"{key}: not an inference setting; expected one of {configs.TEST_KEYS}")
+            cfg[key] = value
+        for key in ("score_thr", "mask_thr", "filter_thr"):
+            v = cfg[key]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
+                raise ValueError(f"{key}: expected a number in [0, 1], got {v!r}")
+        for key in ("nms_pre", "max_per_img"):
+            v = cfg[key]
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"{key}: expected a positive int, got {v!r}")
+        return cfg
+
+    @torch.no_grad()
+    def predict(self, images, *, batch_size: int = 2, **overrides) -> List[SOLOResult]:
+        """Instance masks of one image or a list: paths, PIL images, HWC uint8 RGB arrays or
+        CHW float tensors in [0, 1]. Keyword overrides: score_thr, mask_thr, nms_pre,
+        filter_thr, max_per_img."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+            raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
+        cfg = self._test_cfg(**overrides)
+        tensors, arrays = load_images(images)
+        was_training = self.training
+        self.eval()
+        results: List[SOLOResult] = []
+        try:
+            for start in range(0, len(tensors), batch_size):
+                chunk = [t.to(self.device) for t in tensors[start : start + batch_size]]
+                batch, metas = self.transform(chunk)
+                out = self.extract(batch)
+                for r, arr in zip(postprocess(self.mask_head, out, metas, cfg), arrays[start : start + batch_size]):
+                    results.append(SOLOResult(r["masks"], r["scores"], r["labels"], masks_to_boxes(r["masks"]),
+                                              image=arr, class_names=self.class_names))
+        finally:
+            self.train(was_training)
+        return results
+
+    # ------------------------------------------------------------------ checks
+    def _check_images(self, images) -> List[torch.Tensor]:
+        if isinstance(images, torch.Tensor):
+            if images.dim() == 4:
+                images = list(images)
+            elif images.dim() == 3:
+                images = [images]
+            else:
+                raise ValueError(f"images: expected a list of CHW tensors or a BCHW tensor, got shape {tuple(images.shape)}")
+        if not isinstance(images, (list, tuple)) or len(images) == 0:
+            raise ValueError("images: expected a non-empty list of CHW float tensors in [0, 1]")
+        return [check_image(img, f"images[{i}]") for i, img in enumerate(images)]
+
+    def _check_targets(self, targets, images) -> List[Dict[str, torch.Tensor]]:
+        if not isinstance(targets, (list, tuple)) or len(targets) != len(images):
+            n = len(targets) if isinstance(targets, (list, tuple)) else type(targets).__name__
+            raise ValueError(f"targets: expected a list of {len(images)} dicts (one per image), got {n}")
+        checked = []
+        for i, (t, img) in enumerate(zip(targets, images)):
+            if not isinstance(t, dict) or "masks" not in t or "labels" not in t:
+                raise ValueError(f"targets[{i}]: expected a dict with 'masks' and 'labels'")
+            m, lab = t["masks"], t["labels"]
+            if not isinstance(m, torch.Tensor) or m.dim() != 3:
+                raise ValueError(f"targets[{i}]['masks']: expected a [M, H, W] tensor, got "
+                                 f"{tuple(m.shape) if isinstance(m, torch.Tensor) else type(m).__name__}")
+            if m.dtype not in (torch.uint8, torch.bool):
+                raise ValueError(f"targets[{i}]['masks']: expected dtype uint8 or bool, got {m.dtype}")
+            if tuple(m.shape[1:]) != tuple(img.shape[1:]):
+                raise ValueError(f"targets[{i}]['masks']: expected masks of the image's size {tuple(img.shape[1:])}, "
+                                 f"got {tuple(m.shape[1:])}")
+            if m.dtype == torch.uint8 and m.numel() and int(m.max()) > 1:
+                raise ValueError(f"targets[{i}]['masks']: expected 0/1 values, got a maximum of {int(m.max())}")
+            if not isinstance(lab, torch.Tensor) or lab.dim() != 1 or lab.shape[0] != m.shape[0]:
+                raise ValueError(f"targets[{i}]['labels']: expected an int64 tensor of shape [{m.shape[0]}], got "
+                                 f"{tuple(lab.shape) if isinstance(lab, torch.Tensor) else type(lab).__name__}")
+            if lab.dtype not in (torch.int64, torch.int32):
+                raise ValueError(f"targets[{i}]['labels']: expected dtype int64, got {lab.dtype}")
+            if lab.numel() and (int(lab.min()) < 0 or int(lab.max()) >= self.num_classes):
+                raise ValueError(f"targets[{i}]['labels']: expected values in [0, {self.num_classes}), got "
+                                 f"[{int(lab.min())}, {int(lab.max())}]")
+            checked.append({"masks": m, "labels": lab.long()})
+        return checked
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_pretrained(self, path: str) -> str:
+        """Writes the weights and the config to one safetensors file (a directory gets ``model.safetensors``)."""
+        from safetensors.torch import save_file
+
+        if os.path.isdir(path) or not path.endswith(".safetensors"):
+            os.makedirs(path, exist_ok=True)
+            path = os.path.join(path, "model.safetensors")
+        meta = {"solo_fast_config": json.dumps({k: v for k, v in self.cfg.items()})}
+        if self.class_names is not None:
+            meta["class_names"] = json.dumps(list(self.class_names))
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, path, metadata=meta)
+        return path
+
+    @classmethod
+    def from_pretrained(cls, path: str, map_location: str = "cpu") -> "SOLO":
+        """A model saved by :meth:`save_pretrained` (a ``.safetensors`` file or its directory)."""
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        if os.path.isdir(path):
+            path = os.path.join(path, "model.safetensors")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"path: no checkpoint at {path!r}")
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+        if "solo_fast_config" not in meta:
+            raise ValueError(f"path: {path!r} is not a solo_fast checkpoint (no config in its metadata)")
+        cfg = json.loads(meta["solo_fast_config"])
+        name, num_classes = cfg.pop("name"), cfg.pop("num_classes")
+        known = configs.get_config(name)
+        overrides = {k: (tuple(map(tuple, v)) if k == "scale_ranges" else tuple(v) if isinstance(v, list) else v)
+                     for k, v in cfg.items() if k in known}
+        model = cls(name, num_classes=num_classes, **overrides)
+        model.load_state_dict(load_file(path, device=map_location))
+        if "class_names" in meta:
+            model.class_names = json.loads(meta["class_names"])
+        return model.to(map_location)
