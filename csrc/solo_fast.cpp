@@ -12,4 +12,11 @@ extern "C" PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(solo_fast, m) {
+  // One image per entry of the lists; mask_strides are the distinct strides, and
+  // mask_targets[b * len(mask_strides) + k] is image b downsampled by mask_strides[k].
+  // labels / pos_cells / pos_instance are indexed b * len(num_grids) + level.
+  m.def(
+      "center_region_assign(Tensor[] gt_masks, Tensor[] gt_labels, Tensor?[] gt_boxes, int[] num_grids, "
+      "float[] scale_lo, float[] scale_hi, float pos_scale, int num_classes, int[] mask_strides) -> "
+      "(Tensor[] labels, Tensor[] pos_cells, Tensor[] pos_instance, Tensor[] mask_targets)");
 }

@@ -165,17 +165,48 @@ def center_region_assign_batch(
     gt_masks: Sequence[torch.Tensor],
     gt_labels: Sequence[torch.Tensor],
     gt_boxes: Optional[Sequence[Optional[torch.Tensor]]] = None,
-    **kwargs,
+    *,
+    pad_shape: Tuple[int, int],
+    num_grids: Sequence[int],
+    scale_ranges: Sequence[Tuple[float, float]],
+    pos_scale: float = 0.2,
+    num_classes: int,
+    mask_stride: Union[int, Sequence[int]],
+    backend: Optional[str] = None,
 ) -> List[Targets]:
-    """:func:`center_region_assign` over a list of images (all padded to ``pad_shape``)."""
+    """:func:`center_region_assign` over a list of images (all padded to ``pad_shape``).
+
+    A backend with a batched implementation (the compiled op) gets the whole batch in
+    one call; the others run image by image.
+    """
     if not isinstance(gt_masks, (list, tuple)) or not isinstance(gt_labels, (list, tuple)):
         raise ValueError("gt_masks, gt_labels: expected lists with one tensor per image")
     if len(gt_masks) != len(gt_labels):
         raise ValueError(f"gt_labels: expected {len(gt_masks)} tensors (one per image), got {len(gt_labels)}")
+    if gt_boxes is not None and not isinstance(gt_boxes, (list, tuple)):
+        raise ValueError("gt_boxes: expected None or a list with one tensor (or None) per image")
     boxes = [None] * len(gt_masks) if gt_boxes is None else list(gt_boxes)
     if len(boxes) != len(gt_masks):
         raise ValueError(f"gt_boxes: expected {len(gt_masks)} entries (one per image), got {len(boxes)}")
-    return [center_region_assign(m, l, b, **kwargs) for m, l, b in zip(gt_masks, gt_labels, boxes)]
+    pad_shape = tuple(pad_shape) if isinstance(pad_shape, (tuple, list)) else pad_shape
+    _check_assign_config(pad_shape, num_grids, scale_ranges, pos_scale, num_classes, mask_stride)
+    if not gt_masks:
+        return []
+    for i, (m, l, b) in enumerate(zip(gt_masks, gt_labels, boxes)):
+        _check_assign_image(m, l, b, pad_shape, num_classes, where=f"[{i}]")
+    devices = {m.device for m in gt_masks}
+    if len(devices) > 1:
+        raise ValueError(f"gt_masks: expected all images on one device, got {sorted(map(str, devices))}")
+    _, fn = _backend.resolve("center_region_assign", backend, gt_masks[0].device.type)
+    config = dict(
+        pad_shape=pad_shape, num_grids=list(num_grids), scale_ranges=[tuple(r) for r in scale_ranges],
+        pos_scale=float(pos_scale), num_classes=num_classes, mask_stride=mask_stride,
+    )
+    labels = [l.long() for l in gt_labels]
+    batched = getattr(fn, "batched", None)
+    if batched is not None:
+        return batched(list(gt_masks), labels, boxes, **config)
+    return [fn(m, l, b, **config) for m, l, b in zip(gt_masks, labels, boxes)]
 
 
 # --------------------------------------------------------------------------------------

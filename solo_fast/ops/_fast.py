@@ -3,3 +3,4 @@
 Each registration states on which device types it can run; ``auto`` picks them before
 the reference path (DESIGN.md §2).
 """
+from . import _center_region  # noqa: F401
