@@ -4,3 +4,4 @@ Each registration states on which device types it can run; ``auto`` picks them b
 the reference path (DESIGN.md §2).
 """
 from . import _center_region  # noqa: F401
+from . import _coord_conv  # noqa: F401

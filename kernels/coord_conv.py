@@ -1,0 +1,179 @@
+"""CoordConv's coordinate channels as an epilogue pass over the real channels' convolution.
+
+``add_coord_term`` writes ``out = conv + coord_term + bias`` in one read and one write of
+the conv output: the coordinate values of every tap are rebuilt in registers from two
+1-D vectors (x over the input width, y over the input height), with the zero padding as
+a row/column validity mask, so no coordinate map exists in memory (DESIGN.md §2).
+"""
+from __future__ import annotations
+
+import os
+from typing import List, Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+
+@triton.jit
+def _coord_term_kernel(
+    conv_ptr,  # [B, O, Ho, Wo] conv of the real channels, contiguous, fp16/bf16/fp32
+    wc_ptr,  # [O, NC, KH, KW] coordinate part of the weight, contiguous
+    bias_ptr,  # [O] (unused without HAS_BIAS)
+    xs_ptr,  # [W] fp32 (fp64 for fp64 conv), x coordinate of each input column; its dtype is the accumulator's
+    ys_ptr,  # [H] same dtype as xs_ptr, y coordinate of each input row
+    out_ptr,  # [B, O, Ho, Wo], conv's dtype
+    O,
+    H,
+    W,
+    Ho,
+    Wo,
+    PAD,
+    HAS_X: tl.constexpr,
+    HAS_Y: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+):
+    pid_bo = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    pid_w = tl.program_id(2)
+    o = pid_bo % O
+    NC: tl.constexpr = HAS_X + HAS_Y
+    hs = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    ws = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)
+
+    ACC: tl.constexpr = xs_ptr.dtype.element_ty
+    acc = tl.zeros((BLOCK_H, BLOCK_W), dtype=ACC)
+    for kh in tl.static_range(KH):
+        ii = hs + (kh - PAD)
+        row_ok = (ii >= 0) & (ii < H)
+        row_one = tl.where(row_ok, 1.0, 0.0).to(ACC)
+        if HAS_Y:
+            y = tl.load(ys_ptr + ii, mask=row_ok, other=0.0)
+        for kw in tl.static_range(KW):
+            jj = ws + (kw - PAD)
+            col_ok = (jj >= 0) & (jj < W)
+            if HAS_X:
+                wx = tl.load(wc_ptr + (o * NC * KH + kh) * KW + kw).to(ACC)
+                x = tl.load(xs_ptr + jj, mask=col_ok, other=0.0)
+                acc += wx * (row_one[:, None] * x[None, :])
+            if HAS_Y:
+                wy = tl.load(wc_ptr + ((o * NC + HAS_X) * KH + kh) * KW + kw).to(ACC)
+                col_one = tl.where(col_ok, 1.0, 0.0).to(ACC)
+                acc += wy * (y[:, None] * col_one[None, :])
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + o).to(ACC)
+
+    # int64 plane offset: B * O * Ho * Wo passes 2**31 at batch 8 with 256 channels at 1344x800 / 4.
+    plane = pid_bo.to(tl.int64) * Ho * Wo
+    offs = hs[:, None] * Wo + ws[None, :]
+    ok = (hs < Ho)[:, None] & (ws < Wo)[None, :]
+    conv = tl.load(conv_ptr + plane + offs, mask=ok, other=0.0).to(ACC)
+    tl.store(out_ptr + plane + offs, (conv + acc).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+# Block shape per launch. Memory-bound elementwise pass: 32x64 tiles give 2048 outputs per
+# program (16 per thread with 4 warps), a row of 64 fp32 = 256 B is a full coalesced line.
+BLOCK_H = 32
+BLOCK_W = 64
+NUM_WARPS = 4
+# The interpreter runs each program as numpy ops: bigger tiles mean fewer Python-level
+# programs, and tile shape does not change the result.
+_INTERP_BLOCK = (64, 64)
+
+
+def add_coord_term(
+    conv: torch.Tensor,
+    w_coord: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    xs: torch.Tensor,
+    ys: torch.Tensor,
+    out: torch.Tensor,
+    *,
+    padding: int,
+    has_x: bool,
+    has_y: bool,
+) -> torch.Tensor:
+    """``out[b, o] = conv[b, o] + coord term of w_coord[o] + bias[o]``; ``out`` contiguous like ``conv``."""
+    b, o, ho, wo = conv.shape
+    if conv.numel() == 0:
+        return out
+    conv = conv.contiguous()
+    w_coord = w_coord.contiguous()
+    kh, kw = int(w_coord.shape[2]), int(w_coord.shape[3])
+    bh, bw = _INTERP_BLOCK if os.environ.get("TRITON_INTERPRET") == "1" else (BLOCK_H, BLOCK_W)
+    grid = (b * o, triton.cdiv(ho, bh), triton.cdiv(wo, bw))
+    wrap_triton(_coord_term_kernel)[grid](
+        conv,
+        w_coord,
+        bias if bias is not None else w_coord,
+        xs.contiguous(),
+        ys.contiguous(),
+        out,
+        o,
+        ys.numel(),
+        xs.numel(),
+        ho,
+        wo,
+        padding,
+        HAS_X=int(bool(has_x)),
+        HAS_Y=int(bool(has_y)),
+        HAS_BIAS=bias is not None,
+        KH=kh,
+        KW=kw,
+        BLOCK_H=bh,
+        BLOCK_W=bw,
+        num_warps=NUM_WARPS,
+    )
+    return out
+
+
+def aot_specs() -> List[dict]:
+    """Every compiled variant the launcher can produce on a GPU, for ahead-of-time checks (DESIGN.md §5).
+
+    3x3 kernels of the SOLO heads, each coordinate set, with and without bias, fp32 and fp16 activations.
+    """
+    specs = []
+    for dt in ("fp32", "fp16", "bf16"):
+        for has_x, has_y in ((1, 1), (1, 0), (0, 1)):
+            for has_bias in (True, False):
+                sig = {
+                    "conv_ptr": f"*{dt}",
+                    "wc_ptr": f"*{dt}",
+                    "bias_ptr": f"*{dt}",
+                    "xs_ptr": "*fp32",
+                    "ys_ptr": "*fp32",
+                    "out_ptr": f"*{dt}",
+                    "O": "i32",
+                    "H": "i32",
+                    "W": "i32",
+                    "Ho": "i32",
+                    "Wo": "i32",
+                    "PAD": "i32",
+                }
+                constexprs = {
+                    "HAS_X": has_x,
+                    "HAS_Y": has_y,
+                    "HAS_BIAS": has_bias,
+                    "KH": 3,
+                    "KW": 3,
+                    "BLOCK_H": BLOCK_H,
+                    "BLOCK_W": BLOCK_W,
+                }
+                for k in constexprs:
+                    sig[k] = "constexpr"
+                specs.append(
+                    {
+                        "fn": _coord_term_kernel,
+                        "signature": sig,
+                        "constexprs": constexprs,
+                        "num_warps": NUM_WARPS,
+                        "num_stages": 1,
+                        "tensor_cores": False,
+                    }
+                )
+    return specs

@@ -1,0 +1,225 @@
+"""Fast paths of ``coord_conv2d`` (DESIGN.md §2): CoordConv without the concatenation.
+
+Both paths convolve only the C real channels and add the coordinate channels'
+contribution separately. Each coordinate map is separable -- the x map is one vector over
+the width repeated on every row, the y map one vector over the height -- and it stays
+separable after a bilinear resize (``coord_src_size``), because bilinear interpolation is
+itself separable. With zero padding, a coordinate channel with map ``r[i] * c[j]``
+contributes
+
+    sum_{kh, kw} w[o, kh, kw] * r_pad[h + kh - p] * c_pad[w + kw - p]
+
+(x: ``r`` = 1 on the rows, ``c`` = the x coordinates; y: ``r`` = the y coordinates,
+``c`` = 1 on the columns; ``_pad`` is zero outside the map), so no ``[B, 2, H, W]``
+tensor is ever built: the "cpu" path evaluates it as one small matmul into an
+``[O, Ho, Wo]`` term, the "triton" path computes it per output pixel inside the kernel.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .. import _backend
+
+
+# --------------------------------------------------------------------------------------
+# Separable coordinates, shared by both fast paths
+# --------------------------------------------------------------------------------------
+def coord_vectors(
+    height: int,
+    width: int,
+    *,
+    coord_src_size: Optional[Tuple[int, int]] = None,
+    device=None,
+    dtype=torch.float32,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(xs [W], ys [H]): the x map of ``reference.coord_maps`` is ``xs`` on every row, the y map ``ys`` on every column."""
+    h0, w0 = (height, width) if coord_src_size is None else (int(coord_src_size[0]), int(coord_src_size[1]))
+    xs = torch.linspace(-1, 1, w0, device=device, dtype=dtype)
+    ys = torch.linspace(-1, 1, h0, device=device, dtype=dtype)
+    if w0 != width:
+        # A 1-row bilinear resize is the 1-D half-pixel interpolation the 2-D resize does
+        # along each axis (its weights along the other, constant axis sum to one).
+        xs = F.interpolate(xs.view(1, 1, 1, w0), size=(1, width), mode="bilinear", align_corners=False).view(width)
+    if h0 != height:
+        ys = F.interpolate(ys.view(1, 1, 1, h0), size=(1, height), mode="bilinear", align_corners=False).view(height)
+    return xs, ys
+
+
+def _windows(v: torch.Tensor, padding: int, k: int, n_out: int) -> torch.Tensor:
+    """[k, n_out]: row t holds the zero-padded ``v`` seen by tap t of every output position."""
+    vp = F.pad(v, (padding, padding))
+    return vp.unfold(0, n_out, 1)[:k]
+
+
+def _factors(xs, ys, coords: str) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    """Row and column factors ``r``, ``c`` of each coordinate channel, in channel order."""
+    rows, cols = [], []
+    if "x" in coords:
+        rows.append(torch.ones_like(ys))
+        cols.append(xs)
+    if "y" in coords:
+        rows.append(ys)
+        cols.append(torch.ones_like(xs))
+    return rows, cols
+
+
+def coord_term(
+    w_coord: torch.Tensor,
+    xs: torch.Tensor,
+    ys: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    *,
+    padding: int,
+    coords: str,
+    out_size: Tuple[int, int],
+) -> torch.Tensor:
+    """[O, Ho, Wo]: the coordinate channels' (and the bias's) share of the convolution.
+
+    ``w_coord`` [O, n, KH, KW] is the coordinate part of the weight. Differentiable in
+    ``w_coord`` and ``bias`` through plain torch ops.
+    """
+    o, n, kh, kw = w_coord.shape
+    ho, wo = out_size
+    rows, cols = _factors(xs, ys, coords)
+    r = torch.stack([_windows(v, padding, kh, ho) for v in rows])  # [n, KH, Ho]
+    c = torch.stack([_windows(v, padding, kw, wo) for v in cols])  # [n, KW, Wo]
+    t = torch.matmul(w_coord, c).reshape(o, n * kh, wo)  # [O, n*KH, Wo]: taps along the width summed
+    r = r.reshape(n * kh, ho).t()  # [Ho, n*KH]
+    if bias is not None:
+        # The bias rides along as one more "tap" whose row factor is 1 everywhere, so the
+        # same matmul writes it and no separate pass over [O, Ho, Wo] is needed.
+        r = torch.cat([r, r.new_ones(ho, 1)], 1)
+        t = torch.cat([t, bias.to(t.dtype).view(o, 1, 1).expand(o, 1, wo)], 1)
+    return torch.matmul(r, t)  # [O, Ho, Wo]
+
+
+def coord_weight_grad(
+    grad_out: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor, *, padding: int, coords: str, kernel_size: Tuple[int, int]
+) -> torch.Tensor:
+    """[O, n, KH, KW]: d loss / d w_coord given d loss / d out [B, O, Ho, Wo] (the separable transpose of :func:`coord_term`)."""
+    kh, kw = kernel_size
+    ho, wo = grad_out.shape[-2:]
+    g = grad_out.sum(0)  # [O, Ho, Wo]: the coordinate maps are the same for every image
+    rows, cols = _factors(xs.to(g.dtype), ys.to(g.dtype), coords)
+    r = torch.stack([_windows(v, padding, kh, ho) for v in rows])  # [n, KH, Ho]
+    c = torch.stack([_windows(v, padding, kw, wo) for v in cols])  # [n, KW, Wo]
+    # sum_{h, w} g[o, h, w] r[n, a, h] c[n, b, w]
+    gc = torch.einsum("ohw,nbw->onhb", g, c)  # [O, n, Ho, KW]
+    return torch.einsum("nah,onhb->onab", r, gc)
+
+
+# --------------------------------------------------------------------------------------
+# "cpu": real-channel conv + the separable term, all torch ops (autograd for free)
+# --------------------------------------------------------------------------------------
+def coord_conv2d_cpu(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    padding: int = 1,
+    coords: str = "xy",
+    coord_src_size: Optional[Tuple[int, int]] = None,
+) -> torch.Tensor:
+    c = x.shape[1]
+    out = F.conv2d(x, weight[:, :c], None, padding=padding)
+    ho, wo = out.shape[-2:]
+    xs, ys = coord_vectors(x.shape[2], x.shape[3], coord_src_size=coord_src_size, device=x.device, dtype=x.dtype)
+    term = coord_term(weight[:, c:], xs, ys, bias, padding=padding, coords=coords, out_size=(ho, wo))
+    # In place: conv2d's backward needs its inputs, not its output.
+    return out.add_(term.to(out.dtype))
+
+
+_backend.register("coord_conv2d", "cpu", lambda device_type: device_type == "cpu")(coord_conv2d_cpu)
+
+
+# --------------------------------------------------------------------------------------
+# "triton": real-channel conv + one Triton pass adding the coordinate term and the bias
+# --------------------------------------------------------------------------------------
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_available(device_type: str) -> bool:
+    """On CUDA tensors with triton installed; under ``TRITON_INTERPRET=1`` on CPU tensors too (DESIGN.md §5)."""
+    if not _triton_importable():
+        return False
+    if device_type == "cuda":
+        return torch.cuda.is_available() or _interpreting()
+    return device_type == "cpu" and _interpreting()
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_op():
+    """Defines ``solo_fast::coord_conv2d_coords`` on first use, so importing solo_fast never imports triton."""
+    from torch.library import triton_op
+
+    from solo_fast.kernels import coord_conv as kern
+
+    @triton_op("solo_fast::coord_conv2d_coords", mutates_args=())
+    def coord_conv2d_coords(
+        conv: torch.Tensor,
+        w_coord: torch.Tensor,
+        bias: Optional[torch.Tensor],
+        xs: torch.Tensor,
+        ys: torch.Tensor,
+        padding: int,
+        coords: str,
+    ) -> torch.Tensor:
+        """``conv`` [B, O, Ho, Wo] + the coordinate term of ``w_coord`` [O, n, KH, KW] + ``bias`` [O]."""
+        out = torch.empty_like(conv, memory_format=torch.contiguous_format)
+        kern.add_coord_term(conv, w_coord, bias, xs, ys, out, padding=padding, has_x="x" in coords, has_y="y" in coords)
+        return out
+
+    def setup_context(ctx, inputs, output):
+        conv, w_coord, bias, xs, ys, padding, coords = inputs
+        ctx.save_for_backward(xs, ys)
+        ctx.padding, ctx.coords = padding, coords
+        ctx.kernel_size = tuple(w_coord.shape[-2:])
+        ctx.w_dtype = w_coord.dtype
+        ctx.has_bias = bias is not None
+        ctx.bias_dtype = None if bias is None else bias.dtype
+
+    def backward(ctx, grad):
+        xs, ys = ctx.saved_tensors
+        g_w = None
+        if ctx.needs_input_grad[1]:
+            g_w = coord_weight_grad(
+                grad, xs, ys, padding=ctx.padding, coords=ctx.coords, kernel_size=ctx.kernel_size
+            ).to(ctx.w_dtype)
+        g_b = grad.sum((0, 2, 3)).to(ctx.bias_dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad, g_w, g_b, None, None, None, None
+
+    coord_conv2d_coords.register_autograd(backward, setup_context=setup_context)
+    return coord_conv2d_coords
+
+
+def coord_conv2d_triton(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    padding: int = 1,
+    coords: str = "xy",
+    coord_src_size: Optional[Tuple[int, int]] = None,
+) -> torch.Tensor:
+    c = x.shape[1]
+    conv = F.conv2d(x, weight[:, :c], None, padding=padding)
+    # The coordinates' dtype is the kernel's accumulator: fp32 for fp16/bf16/fp32 inputs
+    # (the term is rounded once, when added to the conv output), fp64 for fp64.
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xs, ys = coord_vectors(x.shape[2], x.shape[3], coord_src_size=coord_src_size, device=x.device, dtype=acc)
+    return _triton_op()(conv, weight[:, c:], bias, xs, ys, padding, coords)
+
+
+_backend.register("coord_conv2d", "triton", triton_available)(coord_conv2d_triton)
