@@ -19,4 +19,7 @@ TORCH_LIBRARY(solo_fast, m) {
       "center_region_assign(Tensor[] gt_masks, Tensor[] gt_labels, Tensor?[] gt_boxes, int[] num_grids, "
       "float[] scale_lo, float[] scale_hi, float pos_scale, int num_classes, int[] mask_strides) -> "
       "(Tensor[] labels, Tensor[] pos_cells, Tensor[] pos_instance, Tensor[] mask_targets)");
+  // Matrix NMS decay factors of masks already sorted by score (bit-packed popcount; the
+  // Triton version is the Python-defined triton_op solo_fast::matrix_nms_decay).
+  m.def("matrix_nms_decay_popcount(Tensor masks, Tensor labels, Tensor areas, str kernel, float sigma) -> Tensor");
 }

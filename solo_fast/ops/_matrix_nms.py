@@ -1,0 +1,95 @@
+"""Fast backends of ``matrix_nms`` (DESIGN.md §2).
+
+Both replace only :func:`reference.matrix_decay` (the N decay factors of masks already
+sorted by score); sorting, ``nms_pre``, ``filter_thr`` and ``max_num`` stay in
+:func:`reference.matrix_nms`, single-sourced.
+
+- "cpu": ``torch.ops.solo_fast.matrix_nms_decay_popcount`` (csrc/cpu/matrix_nms_kernel.cpp),
+  bit-packed masks and popcounts.
+- "triton": ``torch.ops.solo_fast.matrix_nms_decay``, a ``torch.library.triton_op`` over
+  kernels/matrix_nms.py: int8 tensor-core intersections. It runs on CUDA tensors, and on
+  CPU tensors under ``TRITON_INTERPRET=1`` (DESIGN.md §5).
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+from .. import _backend, _ext
+from . import reference
+
+_CPP_OP = "solo_fast::matrix_nms_decay_popcount"
+
+
+# --------------------------------------------------------------------------------------
+# "cpu": the compiled C++ op
+# --------------------------------------------------------------------------------------
+def _cpp_loaded() -> bool:
+    return _ext.available() and hasattr(torch.ops.solo_fast, "matrix_nms_decay_popcount")
+
+
+def cpu_available(device_type: str) -> bool:
+    return device_type == "cpu" and _cpp_loaded()
+
+
+def decay_cpu(masks: torch.Tensor, labels: torch.Tensor, areas: torch.Tensor, kernel: str, sigma: float) -> torch.Tensor:
+    """Drop-in for :func:`reference.matrix_decay` on the C++ op."""
+    return torch.ops.solo_fast.matrix_nms_decay_popcount(masks, labels, areas, kernel, float(sigma))
+
+
+if _cpp_loaded():
+
+    @torch.library.register_fake(_CPP_OP)
+    def _decay_popcount_fake(masks, labels, areas, kernel, sigma):
+        return masks.new_empty((masks.shape[0],), dtype=torch.float32)
+
+
+_backend.register("matrix_nms", "cpu", cpu_available)(functools.partial(reference.matrix_nms, decay_fn=decay_cpu))
+
+
+# --------------------------------------------------------------------------------------
+# "triton": the triton_op
+# --------------------------------------------------------------------------------------
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_available(device_type: str) -> bool:
+    """CUDA tensors with triton installed; CPU tensors too under ``TRITON_INTERPRET=1``."""
+    if not _triton_importable():
+        return False
+    if device_type == "cuda":
+        return torch.cuda.is_available() or _interpreting()
+    return device_type == "cpu" and _interpreting()
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_op():
+    """Defines ``solo_fast::matrix_nms_decay`` on first use, so importing solo_fast never imports triton."""
+    from torch.library import triton_op, wrap_triton
+
+    from solo_fast.kernels import matrix_nms as kernels
+
+    @triton_op("solo_fast::matrix_nms_decay", mutates_args=())
+    def matrix_nms_decay(
+        masks: torch.Tensor, labels: torch.Tensor, areas: torch.Tensor, kernel: str, sigma: float
+    ) -> torch.Tensor:
+        return kernels.launch_decay(masks, labels, areas, kernel, sigma, wrap=wrap_triton)
+
+    return matrix_nms_decay
+
+
+def decay_triton(masks: torch.Tensor, labels: torch.Tensor, areas: torch.Tensor, kernel: str, sigma: float) -> torch.Tensor:
+    """Drop-in for :func:`reference.matrix_decay` on the Triton kernels."""
+    return _triton_op()(masks, labels, areas, kernel, float(sigma))
+
+
+_backend.register("matrix_nms", "triton", triton_available)(functools.partial(reference.matrix_nms, decay_fn=decay_triton))
