@@ -1,0 +1,228 @@
+"""Fused mask prediction: GEMM + bias + sigmoid + threshold + per-mask reductions (DESIGN.md §2).
+
+One program owns a [BLOCK_K masks x BLOCK_N pixels] tile: it accumulates
+``kernels[k, :] . features[:, n]`` over E in fp32 with ``tl.dot`` (tensor cores for
+fp16/bf16 operands), then in the epilogue adds the bias, applies the sigmoid, writes the
+soft mask in the output dtype and the binary mask as bytes, and adds the tile's area and
+maskness partial sums into per-mask totals with atomics. The [K, H*W] fp32 logits never
+exist in memory: each output byte is written once.
+
+Numerics. ``binary``, ``area`` and ``maskness`` are defined from the fp32 logits. With
+"ieee" operands (fp32, no tf32) the logits equal the reference's up to the summation
+order over E; with fp16/bf16 operands they also carry the operands' rounding (relative
+2**-11 / 2**-8 per product), so pixels whose logit lies that close to the threshold's
+logit may flip. When kernels and features are exactly representable in the operand
+dtype and their products sum exactly in fp32 (e.g. small dyadic values), every mode
+gives the reference's logits bit for bit.
+"""
+from __future__ import annotations
+
+import os
+from typing import List, Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+# OPERAND codes (a constexpr int keeps the AOT signatures simple).
+IEEE, FP16, BF16 = 0, 1, 2
+OPERANDS = {"ieee": IEEE, "fp16": FP16, "bf16": BF16}
+
+
+@triton.jit
+def _mask_predict_kernel(
+    kern_ptr,  # [K, E] fp16/bf16/fp32, row stride stride_k, unit column stride
+    feat_ptr,  # [E, N] fp16/bf16/fp32, row stride stride_e, unit column stride (N = H*W)
+    bias_ptr,  # [K] any float (unused without HAS_BIAS)
+    soft_ptr,  # [K, N] out dtype, contiguous
+    bin_ptr,  # [K, N] uint8, contiguous
+    area_ptr,  # [K] int32, zero-initialised; pixels over the threshold
+    msum_ptr,  # [K] fp32, zero-initialised; sum of soft over those pixels
+    K,
+    E,
+    N,
+    stride_k,
+    stride_e,
+    mask_thr,  # fp32
+    K_BUCKET,  # autotune key only: next power of two of K
+    N_BUCKET,  # autotune key only: next power of two of N
+    HAS_BIAS: tl.constexpr,
+    OPERAND: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+):
+    # Mask tiles vary fastest, so the programs resident at one time share their feature
+    # tile through L2 and features are read from DRAM about once.
+    pid_k = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    re = tl.arange(0, BLOCK_E)
+    k_ok = rk < K
+    n_ok = rn < N
+    a_ptrs = kern_ptr + rk[:, None].to(tl.int64) * stride_k + re[None, :]
+    b_ptrs = feat_ptr + re[:, None].to(tl.int64) * stride_e + rn[None, :]
+
+    acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+    for e0 in range(0, E, BLOCK_E):
+        e_ok = (e0 + re) < E
+        a = tl.load(a_ptrs, mask=k_ok[:, None] & e_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=e_ok[:, None] & n_ok[None, :], other=0.0)
+        if OPERAND == 1:
+            acc = tl.dot(a.to(tl.float16), b.to(tl.float16), acc)
+        elif OPERAND == 2:
+            acc = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
+        else:
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        a_ptrs += BLOCK_E
+        b_ptrs += BLOCK_E * stride_e
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rk, mask=k_ok, other=0.0).to(tl.float32)[:, None]
+    soft = tl.sigmoid(acc)
+    ok = k_ok[:, None] & n_ok[None, :]
+    # Padding lanes have logit 0 -> soft 0.5; they must not count for mask_thr < 0.5.
+    on = (soft > mask_thr) & ok
+    offs = rk[:, None].to(tl.int64) * N + rn[None, :]
+    tl.store(soft_ptr + offs, soft.to(soft_ptr.dtype.element_ty), mask=ok)
+    tl.store(bin_ptr + offs, on.to(tl.uint8), mask=ok)
+    tl.atomic_add(area_ptr + rk, tl.sum(on.to(tl.int32), axis=1), mask=k_ok)
+    tl.atomic_add(msum_ptr + rk, tl.sum(tl.where(on, soft, 0.0), axis=1), mask=k_ok)
+
+
+# Tiles for the GPU, all checked for spills on sm_80/sm_90a by aot_specs(). The fp32
+# accumulator costs BLOCK_K*BLOCK_N/(32*num_warps) registers per thread: 64 for every
+# config here (a 128x128 tile gets 8 warps, not 4, which would need 128 and spill).
+CONFIGS = [
+    dict(BLOCK_K=64, BLOCK_N=128, BLOCK_E=32, num_warps=4, num_stages=3),
+    dict(BLOCK_K=128, BLOCK_N=128, BLOCK_E=32, num_warps=8, num_stages=3),
+    dict(BLOCK_K=64, BLOCK_N=256, BLOCK_E=32, num_warps=8, num_stages=3),
+    dict(BLOCK_K=32, BLOCK_N=256, BLOCK_E=64, num_warps=4, num_stages=3),
+]
+# Under the interpreter each program is a batch of numpy ops: one large tile is fastest
+# and the tile shape does not change the result (fp32 sums are order-dependent only
+# through the tl.dot over E, which the interpreter does in one numpy matmul per block).
+_INTERP_CONFIG = dict(BLOCK_K=32, BLOCK_N=256, BLOCK_E=64)
+
+
+def _triton_config(c: dict) -> triton.Config:
+    meta = {k: v for k, v in c.items() if k.startswith("BLOCK")}
+    return triton.Config(meta, num_warps=c["num_warps"], num_stages=c["num_stages"])
+
+
+# Keyed on power-of-two buckets: the number of masks changes with every image, and
+# re-tuning for each distinct K would cost more than it saves.
+_tuned_kernel = triton.autotune(
+    configs=[_triton_config(c) for c in CONFIGS],
+    key=["E", "K_BUCKET", "N_BUCKET", "OPERAND"],
+    reset_to_zero=["area_ptr", "msum_ptr"],
+)(_mask_predict_kernel)
+
+
+def _next_pow2(v: int) -> int:
+    return 1 << max(0, int(v) - 1).bit_length()
+
+
+def mask_predict(
+    features: torch.Tensor,
+    kernels: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    soft: torch.Tensor,
+    binary: torch.Tensor,
+    area: torch.Tensor,
+    msum: torch.Tensor,
+    *,
+    mask_thr: float,
+    operand: int,
+) -> None:
+    """Fill ``soft`` [K, N], ``binary`` [K, N] uint8, ``area`` [K] int32 and ``msum`` [K] fp32.
+
+    ``features`` [E, N] and ``kernels`` [K, E] with unit column stride; ``area`` and
+    ``msum`` must be zeros on entry (the kernel accumulates into them).
+    """
+    k, e = kernels.shape
+    n = features.shape[1]
+    if k == 0 or n == 0:
+        return
+    args = (
+        kernels,
+        features,
+        bias if bias is not None else msum,
+        soft,
+        binary,
+        area,
+        msum,
+        k,
+        e,
+        n,
+        kernels.stride(0),
+        features.stride(0),
+        float(mask_thr),
+        _next_pow2(k),
+        _next_pow2(n),
+    )
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        if operand == BF16:
+            # Triton 3.9's interpreter gets tl.dot on bf16 operands wrong (errors ~1e10 on
+            # a 16x16 product of N(0, 1) values) and its fp32 -> bf16 cast truncates; the
+            # GPU rounds to nearest even. Rounding the operands here with torch and running
+            # the exact fp32 dot gives the GPU's numbers: bf16 x bf16 products are exact
+            # in fp32, accumulated in fp32.
+            args = (args[0].bfloat16(), args[1].bfloat16()) + args[2:]
+            operand = IEEE
+        c = _INTERP_CONFIG
+        grid = (triton.cdiv(k, c["BLOCK_K"]), triton.cdiv(n, c["BLOCK_N"]))
+        wrap_triton(_mask_predict_kernel)[grid](*args, HAS_BIAS=bias is not None, OPERAND=operand, **c)
+    else:
+        grid = lambda meta: (triton.cdiv(k, meta["BLOCK_K"]), triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
+        wrap_triton(_tuned_kernel)[grid](*args, HAS_BIAS=bias is not None, OPERAND=operand)
+
+
+def aot_specs() -> List[dict]:
+    """Every autotune config for each tensor-core operand mode the launcher uses on a GPU (DESIGN.md §5).
+
+    fp16 and bf16 inputs keep their dtype; fp32 inputs on a GPU are rounded to fp16 in
+    the kernel (the "ieee" mode is the interpreter's exact-parity mode and has no mma).
+    """
+    specs = []
+    for in_dt, out_dt, operand in (("fp16", "fp16", FP16), ("bf16", "bf16", BF16), ("fp32", "fp16", FP16)):
+        for c in CONFIGS:
+            sig = {
+                "kern_ptr": f"*{in_dt}",
+                "feat_ptr": f"*{in_dt}",
+                "bias_ptr": f"*{in_dt}",
+                "soft_ptr": f"*{out_dt}",
+                "bin_ptr": "*u8",
+                "area_ptr": "*i32",
+                "msum_ptr": "*fp32",
+                "K": "i32",
+                "E": "i32",
+                "N": "i32",
+                "stride_k": "i32",
+                "stride_e": "i32",
+                "mask_thr": "fp32",
+                "K_BUCKET": "i32",
+                "N_BUCKET": "i32",
+            }
+            constexprs = {
+                "HAS_BIAS": True,
+                "OPERAND": operand,
+                "BLOCK_K": c["BLOCK_K"],
+                "BLOCK_N": c["BLOCK_N"],
+                "BLOCK_E": c["BLOCK_E"],
+            }
+            for name in constexprs:
+                sig[name] = "constexpr"
+            specs.append(
+                {
+                    "fn": _mask_predict_kernel,
+                    "signature": sig,
+                    "constexprs": constexprs,
+                    "num_warps": c["num_warps"],
+                    "num_stages": c["num_stages"],
+                    "tensor_cores": True,
+                }
+            )
+    return specs

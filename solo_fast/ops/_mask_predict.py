@@ -1,0 +1,174 @@
+"""Fast paths of ``mask_predict`` (DESIGN.md §2).
+
+"cpu": the reference's own formulation -- one fp32 GEMM, ``+ bias``, sigmoid,
+``> mask_thr``, the per-mask sums -- run as in-place passes over the output tensors, so
+the only temporaries beyond the outputs are one CHUNK-mask buffer for the maskness
+product (and the fp32 logits when ``out_dtype`` is not fp32). It gives the reference's
+``soft``, ``binary``, ``area`` and ``maskness`` bit for bit: the GEMM is the very same
+call (the BLAS may round a row differently when given fewer rows -- MKL does at some
+small shapes -- so it is deliberately not split over K), the elementwise passes are the
+same kernels on the same shapes, and the maskness sums reduce each mask's H*W values as
+the reference does. Bounding memory over thousands of masks is the caller's job (a model calls
+it per chunk of candidates, e.g. for LVIS; the reference then sees the same chunks).
+
+"triton": one fused kernel (``kernels/mask_predict.py``) behind the ``triton_op``
+``solo_fast::mask_predict``.
+
+Both are inference paths: when autograd needs the soft masks' gradient they defer to
+the reference formulation, whose graph is the plain one.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional, Tuple
+
+import torch
+
+from .. import _backend
+from . import reference
+from ._coord_conv import _interpreting, triton_available
+
+# Masks per chunk of the CPU path's maskness product (its only temporary).
+CHUNK = 64
+
+
+def _wants_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _default_out_dtype(features: torch.Tensor, out_dtype: Optional[torch.dtype]) -> torch.dtype:
+    if out_dtype is not None:
+        return out_dtype
+    return torch.float16 if features.is_cuda else torch.float32
+
+
+def mask_predict_cpu(
+    features: torch.Tensor,
+    kernels: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    mask_thr: float = 0.5,
+    out_dtype: Optional[torch.dtype] = None,
+    chunk: int = CHUNK,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    if _wants_grad(features, kernels, bias):
+        return reference.mask_predict(features, kernels, bias, mask_thr=mask_thr, out_dtype=out_dtype)
+    out_dtype = _default_out_dtype(features, out_dtype)
+    e, h, w = features.shape
+    k = kernels.shape[0]
+    n = h * w
+    feats = features.reshape(e, n).float()
+    kern = kernels.float()
+    b = None if bias is None else bias.float()
+    dev = features.device
+
+    soft = torch.empty(k, h, w, dtype=out_dtype, device=dev)
+    binary = torch.empty(k, h, w, dtype=torch.bool, device=dev)
+    area = torch.empty(k, dtype=torch.int64, device=dev)
+    maskness = torch.empty(k, dtype=torch.float32, device=dev)
+    # One GEMM call with the reference's exact operands and shapes: the BLAS may block a
+    # row differently when it is given fewer rows (MKL does for some small shapes), so
+    # only this guarantees the reference's logits bit for bit. With fp32 output it writes
+    # straight into the returned tensor, which costs no memory beyond the output.
+    logits = soft.view(k, n) if out_dtype == torch.float32 else torch.empty(k, n, dtype=torch.float32, device=dev)
+    torch.matmul(kern, feats, out=logits)
+    # Whole-tensor in-place passes: no fresh [K, H*W] allocations (their page faults cost
+    # as much as the arithmetic), and each pass is one parallel region -- many small
+    # regions stall whenever the 2 OpenMP threads share their cores with anything else.
+    # add_, sigmoid_ and gt are the reference's own kernels on the same shapes, so they
+    # give its values bit for bit (sigmoid's vectorised loop even splits the same way).
+    if b is not None:
+        logits.add_(b[:, None])
+    logits.sigmoid_()
+    s = logits.view(k, h, w)
+    torch.gt(s, mask_thr, out=binary)
+    # Integer counts are exact in any order; an int32 count of bytes is ~2x faster than
+    # bool.sum()'s int64 path (H*W < 2**31).
+    area.copy_(binary.view(k, n).view(torch.uint8).sum(1, dtype=torch.int32))
+    # maskness needs soft * binary summed exactly as the reference sums it (per mask, the
+    # same reduction over H*W); only this product is chunked, into a reused buffer.
+    tmp = torch.empty(min(chunk, k), h, w, dtype=torch.float32, device=dev)
+    for k0 in range(0, k, chunk):
+        k1 = min(k, k0 + chunk)
+        prod = torch.mul(s[k0:k1], binary[k0:k1], out=tmp[: k1 - k0])
+        maskness[k0:k1] = prod.sum((1, 2))
+    maskness.div_(area.clamp(min=1))
+    if out_dtype != torch.float32:
+        soft.copy_(s)
+    return soft, binary, area, maskness
+
+
+_backend.register("mask_predict", "cpu", lambda device_type: device_type == "cpu")(mask_predict_cpu)
+
+
+# --------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _triton_op():
+    """Defines ``solo_fast::mask_predict`` on first use, so importing solo_fast never imports triton."""
+    from torch.library import triton_op
+
+    from solo_fast.kernels import mask_predict as kern
+
+    @triton_op("solo_fast::mask_predict", mutates_args=())
+    def mask_predict_fused(
+        features: torch.Tensor,
+        kernels: torch.Tensor,
+        bias: Optional[torch.Tensor],
+        mask_thr: float,
+        out_dtype: torch.dtype,
+        operand: int,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """features [E, N], kernels [K, E] -> soft [K, N] out_dtype, binary [K, N] uint8, area [K] int32, msum [K] fp32."""
+        k, n = kernels.shape[0], features.shape[1]
+        dev = features.device
+        soft = torch.empty(k, n, dtype=out_dtype, device=dev)
+        binary = torch.empty(k, n, dtype=torch.uint8, device=dev)
+        area = torch.zeros(k, dtype=torch.int32, device=dev)
+        msum = torch.zeros(k, dtype=torch.float32, device=dev)
+        kern.mask_predict(features, kernels, bias, soft, binary, area, msum, mask_thr=mask_thr, operand=operand)
+        return soft, binary, area, msum
+
+    return mask_predict_fused, kern.OPERANDS
+
+
+def _pick_operand(features: torch.Tensor, kernels: torch.Tensor) -> str:
+    dts = {features.dtype, kernels.dtype}
+    if torch.bfloat16 in dts:
+        return "bf16"
+    if torch.float16 in dts:
+        return "fp16"
+    # fp32/fp64 inputs: the interpreter has no tensor cores to gain and gives the
+    # reference's fp32 logits; a GPU rounds the operands to fp16 for the tensor cores.
+    return "ieee" if _interpreting() else "fp16"
+
+
+def mask_predict_triton(
+    features: torch.Tensor,
+    kernels: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    mask_thr: float = 0.5,
+    out_dtype: Optional[torch.dtype] = None,
+    precision: Optional[str] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``precision``: GEMM operand mode "ieee" (fp32), "fp16" or "bf16"; None picks from the input dtypes."""
+    if _wants_grad(features, kernels, bias):
+        return reference.mask_predict(features, kernels, bias, mask_thr=mask_thr, out_dtype=out_dtype)
+    op, operands = _triton_op()
+    if precision is None:
+        precision = _pick_operand(features, kernels)
+    if precision not in operands:
+        raise ValueError(f"precision: expected one of {tuple(operands)}, got {precision!r}")
+    out_dtype = _default_out_dtype(features, out_dtype)
+    e, h, w = features.shape
+    # fp64 has no tensor-core or tl.dot path; the reference computes in fp32 anyway.
+    feats = features.reshape(e, h * w)
+    feats = (feats.float() if feats.dtype == torch.float64 else feats).contiguous()
+    kern = (kernels.float() if kernels.dtype == torch.float64 else kernels).contiguous()
+    soft, binary, area, msum = op(feats, kern, bias, float(mask_thr), out_dtype, operands[precision])
+    area = area.to(torch.int64)
+    maskness = msum / area.clamp(min=1)
+    return soft.view(-1, h, w), binary.view(torch.bool).view(-1, h, w), area, maskness
+
+
+_backend.register("mask_predict", "triton", triton_available)(mask_predict_triton)
