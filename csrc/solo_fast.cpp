@@ -22,4 +22,6 @@ TORCH_LIBRARY(solo_fast, m) {
   // Matrix NMS decay factors of masks already sorted by score (bit-packed popcount; the
   // Triton version is the Python-defined triton_op solo_fast::matrix_nms_decay).
   m.def("matrix_nms_decay_popcount(Tensor masks, Tensor labels, Tensor areas, str kernel, float sigma) -> Tensor");
+  // Nonzero pixels per mask (int64 [N]): matrix_nms's default mask_area.
+  m.def("matrix_nms_mask_area(Tensor masks) -> Tensor");
 }

@@ -115,7 +115,7 @@ def _iou_tile(inter_ptr, areas_ptr, labels_ptr, rows, cols, a_j, l_j, N):
 def _comp_kernel(
     inter_ptr,  # int32 [N, N] intersections, upper triangle
     areas_ptr,  # float32 [N] mask areas
-    labels_ptr,  # int32/int64 [N] class labels
+    labels_ptr,  # int32 [N] class labels
     comp_ptr,  # float32 [N] out: comp[j] = max_{i < j, same label} iou[i, j]
     N,  # int32 number of masks
     BLOCK_I: tl.constexpr,
@@ -138,7 +138,7 @@ def _comp_kernel(
 def _decay_kernel(
     inter_ptr,  # int32 [N, N] intersections, upper triangle
     areas_ptr,  # float32 [N] mask areas
-    labels_ptr,  # int32/int64 [N] class labels
+    labels_ptr,  # int32 [N] class labels
     comp_ptr,  # float32 [N] compensation from _comp_kernel
     decay_ptr,  # float32 [N] out: decay factors
     N,  # int32 number of masks
@@ -237,7 +237,8 @@ def launch_decay(
     # bool and uint8 share the byte layout of int8 0/1: a view, no conversion pass.
     flat = flat.view(torch.int8)
     areas = areas.to(torch.float32).contiguous()
-    labels = labels.contiguous()
+    # One label dtype keeps one compiled variant of the epilogue kernels (the AOT test's).
+    labels = labels.to(torch.int32).contiguous()
     inter = torch.zeros((n, n), dtype=torch.int32, device=device)
     comp = torch.empty(n, dtype=torch.float32, device=device)
     if k > 0:
@@ -290,27 +291,26 @@ def aot_specs():
             "num_stages": s,
             "tensor_cores": True,
         })
-    for labels_t in ("*i64", "*i32"):
+    specs.append({
+        "fn": _comp_kernel,
+        "signature": {
+            "inter_ptr": "*i32", "areas_ptr": "*fp32", "labels_ptr": "*i32", "comp_ptr": "*fp32", "N": "i32",
+            "BLOCK_I": "constexpr", "BLOCK_J": "constexpr",
+        },
+        "constexprs": {"BLOCK_I": _EPI_BLOCK_I, "BLOCK_J": _EPI_BLOCK_J},
+        "num_warps": _EPI_WARPS,
+        "num_stages": 3,
+    })
+    for linear in (0, 1):
         specs.append({
-            "fn": _comp_kernel,
+            "fn": _decay_kernel,
             "signature": {
-                "inter_ptr": "*i32", "areas_ptr": "*fp32", "labels_ptr": labels_t, "comp_ptr": "*fp32", "N": "i32",
-                "BLOCK_I": "constexpr", "BLOCK_J": "constexpr",
+                "inter_ptr": "*i32", "areas_ptr": "*fp32", "labels_ptr": "*i32", "comp_ptr": "*fp32",
+                "decay_ptr": "*fp32", "N": "i32", "sigma": "fp32",
+                "LINEAR": "constexpr", "BLOCK_I": "constexpr", "BLOCK_J": "constexpr",
             },
-            "constexprs": {"BLOCK_I": _EPI_BLOCK_I, "BLOCK_J": _EPI_BLOCK_J},
+            "constexprs": {"LINEAR": linear, "BLOCK_I": _EPI_BLOCK_I, "BLOCK_J": _EPI_BLOCK_J},
             "num_warps": _EPI_WARPS,
             "num_stages": 3,
         })
-        for linear in (0, 1):
-            specs.append({
-                "fn": _decay_kernel,
-                "signature": {
-                    "inter_ptr": "*i32", "areas_ptr": "*fp32", "labels_ptr": labels_t, "comp_ptr": "*fp32",
-                    "decay_ptr": "*fp32", "N": "i32", "sigma": "fp32",
-                    "LINEAR": "constexpr", "BLOCK_I": "constexpr", "BLOCK_J": "constexpr",
-                },
-                "constexprs": {"LINEAR": linear, "BLOCK_I": _EPI_BLOCK_I, "BLOCK_J": _EPI_BLOCK_J},
-                "num_warps": _EPI_WARPS,
-                "num_stages": 3,
-            })
     return specs

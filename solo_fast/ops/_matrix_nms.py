@@ -5,7 +5,7 @@ sorted by score); sorting, ``nms_pre``, ``filter_thr`` and ``max_num`` stay in
 :func:`reference.matrix_nms`, single-sourced.
 
 - "cpu": ``torch.ops.solo_fast.matrix_nms_decay_popcount`` (csrc/cpu/matrix_nms_kernel.cpp),
-  bit-packed masks and popcounts.
+  bit-packed masks and popcounts, and ``matrix_nms_mask_area`` for the default areas.
 - "triton": ``torch.ops.solo_fast.matrix_nms_decay``, a ``torch.library.triton_op`` over
   kernels/matrix_nms.py: int8 tensor-core intersections. It runs on CUDA tensors, and on
   CPU tensors under ``TRITON_INTERPRET=1`` (DESIGN.md §5).
@@ -40,14 +40,29 @@ def decay_cpu(masks: torch.Tensor, labels: torch.Tensor, areas: torch.Tensor, ke
     return torch.ops.solo_fast.matrix_nms_decay_popcount(masks, labels, areas, kernel, float(sigma))
 
 
+def matrix_nms_cpu(masks, labels, scores, *, mask_area=None, **kwargs):
+    """:func:`reference.matrix_nms` on the C++ decay.
+
+    The default ``mask_area`` is counted by the C++ op too: torch's ``sum`` over a bool
+    [500, 200 * 336] tensor alone takes longer than the whole C++ decay (2-core CPU).
+    """
+    if mask_area is None and masks.shape[0] > 0:
+        mask_area = torch.ops.solo_fast.matrix_nms_mask_area(masks)
+    return reference.matrix_nms(masks, labels, scores, mask_area=mask_area, decay_fn=decay_cpu, **kwargs)
+
+
 if _cpp_loaded():
 
     @torch.library.register_fake(_CPP_OP)
     def _decay_popcount_fake(masks, labels, areas, kernel, sigma):
         return masks.new_empty((masks.shape[0],), dtype=torch.float32)
 
+    @torch.library.register_fake("solo_fast::matrix_nms_mask_area")
+    def _mask_area_fake(masks):
+        return masks.new_empty((masks.shape[0],), dtype=torch.int64)
 
-_backend.register("matrix_nms", "cpu", cpu_available)(functools.partial(reference.matrix_nms, decay_fn=decay_cpu))
+
+_backend.register("matrix_nms", "cpu", cpu_available)(matrix_nms_cpu)
 
 
 # --------------------------------------------------------------------------------------
