@@ -1,0 +1,258 @@
+"""Latency of every op of DESIGN.md §2 and of whole models, reference path vs fast paths.
+
+    python benchmarks/latency.py                 # everything, on CUDA if present else CPU
+    python benchmarks/latency.py --quick         # smaller inputs, fewer repeats
+    python benchmarks/latency.py --ops matrix_nms,center_region_assign --device cpu
+    python benchmarks/latency.py --ops e2e       # only the end-to-end model rows
+
+Each row is the median (and 20th/80th percentiles) of repeated runs after warm-up:
+CUDA events on a GPU, synchronised ``time.perf_counter`` on the CPU. The speed-up is
+against the reference row of the same case. A table goes to stdout and everything to a
+JSON file (``--json``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import solo_fast  # noqa: E402
+from solo_fast import ops  # noqa: E402
+
+# Dense fp16 tensor-core peak and memory bandwidth, for the "implied floor" column.
+GPU_PEAKS = {"H100": (989e12, 3.35e12), "H200": (989e12, 4.8e12), "A100": (312e12, 2.0e12)}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int, max_seconds: float) -> Dict:
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times: List[float] = []
+    budget_end = time.perf_counter() + max_seconds
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        if time.perf_counter() > budget_end and len(times) >= 3:
+            break
+    q = statistics.quantiles(times, n=5, method="inclusive") if len(times) >= 2 else [times[0]] * 4
+    return {"median_ms": statistics.median(times), "p20_ms": q[0], "p80_ms": q[3], "runs": len(times)}
+
+
+# --------------------------------------------------------------------------------------
+# inputs
+def clustered_masks(n: int, h: int, w: int, device, seed: int = 0):
+    """Rectangles in clusters of near-duplicates, as Matrix NMS sees after a SOLO head."""
+    g = torch.Generator().manual_seed(seed)
+    masks = torch.zeros(n, h, w, dtype=torch.bool)
+    centres = torch.rand(max(n // 8, 1), 2, generator=g)
+    for i in range(n):
+        cy, cx = centres[i % centres.shape[0]]
+        sh, sw = (0.1 + 0.3 * torch.rand(2, generator=g)).tolist()
+        jitter = (torch.rand(2, generator=g) - 0.5) * 0.05
+        y0, x0 = int((cy + jitter[0] - sh / 2).clamp(0, 1) * h), int((cx + jitter[1] - sw / 2).clamp(0, 1) * w)
+        masks[i, y0 : min(h, y0 + int(sh * h) + 1), x0 : min(w, x0 + int(sw * w) + 1)] = True
+    labels = torch.randint(0, 3, (n,), generator=g)
+    scores = torch.rand(n, generator=g)
+    return masks.to(device), labels.to(device), scores.to(device)
+
+
+def scene_masks(m: int, h: int, w: int, device, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    masks = torch.zeros(m, h, w, dtype=torch.uint8)
+    for i in range(m):
+        cy, cx = (torch.rand(2, generator=g) * torch.tensor([h, w])).tolist()
+        ry, rx = (torch.rand(2, generator=g) * torch.tensor([h, w]) * 0.25 + 8).tolist()
+        masks[i] = (((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1).to(torch.uint8)
+    return masks.to(device), torch.randint(0, 80, (m,), generator=g).to(device)
+
+
+def op_cases(device, quick: bool) -> List[Dict]:
+    """(op, label, make() -> callable(backend)) for every op of §2."""
+    cases = []
+    mh, mw = (100, 168) if quick else (200, 336)
+    for n in (100, 500):
+        def make(n=n):
+            masks, labels, scores = clustered_masks(n, mh, mw, device)
+            return lambda b: ops.matrix_nms(masks, labels, scores, filter_thr=0.05, backend=b)
+        hw = mh * mw
+        # Upper-triangle intersections (2 flops per pixel pair) and the masks read once as bits.
+        cases.append(dict(op="matrix_nms", label=f"N={n} {mh}x{mw}", make=make,
+                          flops=n * (n - 1) / 2 * hw * 2, bytes=n * hw / 8))
+
+    ph, pw = (416, 672) if quick else (800, 1344)
+
+    def make_assign():
+        batch = [scene_masks(15, ph, pw, device, seed=s) for s in range(2)]
+        kw = dict(pad_shape=(ph, pw), num_grids=[40, 36, 24, 16, 12],
+                  scale_ranges=[(1, 96), (48, 192), (96, 384), (192, 768), (384, 2048)],
+                  num_classes=80, mask_stride=[4, 4, 8, 16, 16])
+        return lambda b: ops.center_region_assign_batch([x[0] for x in batch], [x[1] for x in batch], backend=b, **kw)
+
+    cases.append(dict(op="center_region_assign", label=f"2 img x 15 inst {ph}x{pw}", make=make_assign,
+                      bytes=2 * 15 * ph * pw))
+
+    for k, e in ((500, 256),):
+        def make_mp(k=k, e=e):
+            g = torch.Generator().manual_seed(0)
+            feats = torch.randn(e, mh, mw, generator=g).to(device)
+            kern = (torch.randn(k, e, generator=g) * 0.05).to(device)
+            return lambda b: ops.mask_predict(feats, kern, backend=b)
+        cases.append(dict(op="mask_predict", label=f"K={k} E={e} {mh}x{mw}", make=make_mp,
+                          flops=2 * k * e * mh * mw, bytes=2 * (e * mh * mw + k * mh * mw)))
+
+    conv_shapes = [("SOLO mask tower", 1, 256, 256, mh // 2, mw // 2, "xy", None),
+                   ("SOLOv2 kernel branch", 1, 256, 512, 40, 40, "xy", (mh // 2, mw // 2)),
+                   ("Decoupled x tower", 1, 256, 256, mh // 2, mw // 2, "x", None)]
+    for name, b_, c, o, h, w, coords, src in conv_shapes:
+        def make_cc(b_=b_, c=c, o=o, h=h, w=w, coords=coords, src=src):
+            g = torch.Generator().manual_seed(0)
+            x = torch.randn(b_, c, h, w, generator=g).to(device)
+            wt = (torch.randn(o, c + len(coords), 3, 3, generator=g) * 0.02).to(device)
+            bias = torch.randn(o, generator=g).to(device)
+            return lambda b: ops.coord_conv2d(x, wt, bias, coords=coords, coord_src_size=src, backend=b)
+        cases.append(dict(op="coord_conv2d", label=f"{name} {c}->{o} {h}x{w}", make=make_cc,
+                          flops=2 * b_ * o * (c + len(coords)) * 9 * h * w))
+    return cases
+
+
+def e2e_cases(device, quick: bool) -> List[Dict]:
+    h, w = (416, 704) if quick else (800, 1344)
+    cases = []
+    for name in ("solo_r50_fpn", "solov2_r50_fpn", "solov2_light_r18_fpn"):
+        def make_inf(name=name):
+            torch.manual_seed(0)
+            model = solo_fast.SOLO(name, num_classes=80, min_size=h, max_size=w).to(device).eval()
+            with torch.no_grad():  # a classifier that fires, so post-processing has work to do
+                model.mask_head.conv_cls.bias.normal_(-2.0, 1.0)
+            img = torch.rand(3, h, w, device=device)
+
+            def run(b):
+                with solo_fast.use_backend("reference" if b == "reference" else "auto"), torch.no_grad():
+                    return model([img])
+            return run
+        cases.append(dict(op="e2e_inference", label=f"{name} {h}x{w}", make=make_inf))
+
+        def make_train(name=name):
+            torch.manual_seed(0)
+            model = solo_fast.SOLO(name, num_classes=80, min_size=h, max_size=w).to(device).train()
+            img = torch.rand(3, h, w, device=device)
+            masks, labels = scene_masks(10, h, w, device)
+
+            def run(b):
+                with solo_fast.use_backend("reference" if b == "reference" else "auto"):
+                    losses = model([img], [{"masks": masks, "labels": labels}])
+                    sum(losses.values()).backward()
+                model.zero_grad(set_to_none=True)
+            return run
+        cases.append(dict(op="e2e_train_step", label=f"{name} {h}x{w}", make=make_train))
+    return cases
+
+
+def backends_for(case: Dict, device) -> List[str]:
+    if case["op"].startswith("e2e"):
+        return ["reference", "auto"]
+    avail = ops.available_backends(case["op"], device)
+    return ["reference"] + [b for b in avail if b != "reference"]
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quick", action="store_true", help="smaller inputs and fewer repeats")
+    p.add_argument("--ops", default="all",
+                   help="comma-separated: matrix_nms, center_region_assign, mask_predict, coord_conv2d, e2e (or all)")
+    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--json", default="benchmarks/latency.json")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device here")
+    wanted = set(args.ops.split(","))
+    cases = [c for c in op_cases(device, args.quick) if "all" in wanted or c["op"] in wanted]
+    if "all" in wanted or "e2e" in wanted:
+        cases += e2e_cases(device, args.quick)
+    repeats = args.repeats or (5 if args.quick else 20)
+
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    info = {"device": device_name(device), "torch": torch.__version__, "triton": triton_version,
+            "solo_fast": solo_fast.__version__, "python": platform.python_version(),
+            "date": time.strftime("%Y-%m-%d"), "quick": args.quick, "argv": sys.argv[1:]}
+    try:
+        import subprocess
+        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                        cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    except OSError:
+        info["commit"] = None
+    peak = next((v for k, v in GPU_PEAKS.items() if k in info["device"]), None) if device.type == "cuda" else None
+    print(f"# {info['device']} | torch {info['torch']} | triton {triton_version} | commit {info['commit']} | {info['date']}")
+    header = f"{'op':<22} {'case':<36} {'backend':<10} {'median ms':>10} {'p20':>9} {'p80':>9} {'speed-up':>9}  notes"
+    print(header)
+    print("-" * len(header))
+    rows = []
+    for case in cases:
+        run = case["make"]()
+        ref_ms = None
+        for backend in backends_for(case, device):
+            heavy = case["op"].startswith("e2e")
+            stats = measure(lambda: run(backend), device, warmup=1 if heavy else 2,
+                            repeats=min(repeats, 5) if heavy else repeats, max_seconds=60 if heavy else 20)
+            if backend == "reference":
+                ref_ms = stats["median_ms"]
+            notes = []
+            if "flops" in case:
+                notes.append(f"{case['flops'] / 1e9:.2f} GFLOP")
+            if "bytes" in case:
+                notes.append(f"{case['bytes'] / 1e6:.1f} MB min")
+            if peak and ("flops" in case or "bytes" in case):
+                floor = max(case.get("flops", 0) / peak[0], case.get("bytes", 0) / peak[1]) * 1e3
+                notes.append(f"floor {floor * 1e3:.1f} us")
+            row = {"op": case["op"], "case": case["label"], "backend": backend, **stats,
+                   "speedup": ref_ms / stats["median_ms"] if ref_ms else None,
+                   "flops": case.get("flops"), "bytes": case.get("bytes")}
+            rows.append(row)
+            sp = f"{row['speedup']:.2f}x" if row["speedup"] else "-"
+            print(f"{case['op']:<22} {case['label']:<36} {backend:<10} {stats['median_ms']:>10.3f} "
+                  f"{stats['p20_ms']:>9.3f} {stats['p80_ms']:>9.3f} {sp:>9}  {', '.join(notes)}", flush=True)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump({"info": info, "rows": rows}, f, indent=1)
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
