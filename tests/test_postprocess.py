@@ -1,0 +1,111 @@
+"""Inference post-processing on hand-built head outputs whose answer is known by construction."""
+import math
+
+import pytest
+import torch
+
+from solo_fast.modeling import get_config
+from solo_fast.modeling.heads import mask_stats
+from solo_fast.modeling.postprocess import flat_scores, point_nms, postprocess_image
+from solo_fast.modeling.transform import ImageMeta
+
+
+class FakeHead:
+    """A head whose candidate soft masks are given per (level, cell)."""
+
+    def __init__(self, num_grids, masks_by_cell):
+        self.num_grids = list(num_grids)
+        self.masks_by_cell = masks_by_cell  # {(level, cell): [h, w] soft mask}
+
+    def candidate_masks(self, out, b, levels, cells, mask_size, mask_thr):
+        soft = torch.stack([self.masks_by_cell[(int(l), int(c))] for l, c in zip(levels, cells)])
+        assert soft.shape[1:] == mask_size
+        return mask_stats(soft, mask_thr)
+
+
+GRIDS = (4, 3, 2, 2, 1)
+PAD = (64, 64)  # masks at stride 4: 16 x 16
+
+
+def run(scores_by_cell, masks_by_cell, kernel="gaussian", sigma=2.0, **cfg_kw):
+    cfg = get_config("solov2_r18_fpn", num_grids=GRIDS)
+    cfg.update(num_classes=3, nms_kernel=kernel, nms_sigma=sigma, **cfg_kw)
+    total = sum(s * s for s in GRIDS)
+    offsets = [0]
+    for s in GRIDS:
+        offsets.append(offsets[-1] + s * s)
+    scores = torch.zeros(total, 3)
+    for (level, cell, label), s in scores_by_cell.items():
+        scores[offsets[level] + cell, label] = s
+    meta = ImageMeta(ori_shape=PAD, img_shape=PAD, pad_shape=PAD)
+    return postprocess_image(FakeHead(GRIDS, masks_by_cell), None, 0, scores, meta, cfg)
+
+
+def box_mask(y0, y1, x0, x1, value=0.9):
+    m = torch.zeros(16, 16)
+    m[y0:y1, x0:x1] = value
+    return m
+
+
+def test_identical_same_class_masks_gaussian_and_linear():
+    m = box_mask(2, 10, 2, 10)
+    masks = {(0, 1): m, (0, 6): m.clone()}
+    scores = {(0, 1, 0): 0.8, (0, 6, 0): 0.6}
+    out = run(scores, masks, filter_thr=0.0)
+    # maskness of a constant 0.9 mask is 0.9; the lower one decays by exp(-sigma * 1**2).
+    torch.testing.assert_close(out["scores"], torch.tensor([0.8 * 0.9, 0.6 * 0.9 * math.exp(-2.0)]))
+    out = run(scores, masks, kernel="linear", filter_thr=0.0)
+    torch.testing.assert_close(out["scores"], torch.tensor([0.8 * 0.9, 0.0]))
+    # With the default filter_thr (0.05) the fully decayed duplicate disappears.
+    out = run(scores, masks, kernel="linear")
+    assert out["scores"].shape == (1,)
+
+
+def test_different_classes_do_not_decay():
+    m = box_mask(2, 10, 2, 10)
+    out = run({(0, 1, 0): 0.8, (0, 6, 2): 0.6}, {(0, 1): m, (0, 6): m.clone()})
+    torch.testing.assert_close(out["scores"], torch.tensor([0.8 * 0.9, 0.6 * 0.9]))
+    assert out["labels"].tolist() == [0, 2]
+    assert out["masks"].shape == (2, 64, 64) and out["masks"].dtype == torch.bool
+    # The 16x16 stride-4 box [2:10) maps to [8:40) on the 64x64 image.
+    assert bool(out["masks"][0, 9:39, 9:39].all()) and not bool(out["masks"][0, 45:, :].any())
+
+
+def test_mask_not_larger_than_its_stride_is_dropped():
+    # Level 0 has stride 8: an area of exactly 8 pixels is dropped, 9 is kept.
+    small, ok = torch.zeros(16, 16), torch.zeros(16, 16)
+    small[0, :8] = 0.9
+    ok[5, :9] = 0.9
+    out = run({(0, 0, 1): 0.9, (0, 5, 1): 0.5}, {(0, 0): small, (0, 5): ok}, filter_thr=0.0)
+    assert out["scores"].shape == (1,)
+    torch.testing.assert_close(out["scores"], torch.tensor([0.5 * 0.9]))
+    # Level 3 has stride 32: a 20-pixel mask is dropped there.
+    mid = box_mask(0, 4, 0, 5)
+    out = run({(3, 0, 0): 0.9}, {(3, 0): mid})
+    assert out["scores"].numel() == 0 and out["masks"].shape == (0, 64, 64)
+
+
+def test_maskness_and_score_threshold():
+    m = torch.zeros(16, 16)
+    m[0:4, 0:4] = 0.6
+    m[4:8, 0:4] = 1.0
+    m[8:12, 0:4] = 0.3  # below mask_thr: outside the binary mask, not counted
+    out = run({(0, 2, 1): 0.5, (0, 3, 1): 0.09}, {(0, 2): m, (0, 3): box_mask(0, 8, 8, 16)})
+    # maskness = mean soft value inside the binary mask = (0.6 + 1.0) / 2; cell 3 is below score_thr.
+    torch.testing.assert_close(out["scores"], torch.tensor([0.5 * 0.8]))
+
+
+def test_point_nms_keeps_local_maxima_only():
+    p = torch.tensor([[[[0.1, 0.5, 0.2], [0.3, 0.4, 0.9], [0.6, 0.2, 0.1]]]])
+    kept = point_nms(p)[0, 0]
+    # A score survives when it equals the max of the 2x2 window ending at it (pad 1 top/left).
+    expected = torch.tensor([[0.1, 0.5, 0.0], [0.3, 0.0, 0.9], [0.6, 0.0, 0.0]])
+    torch.testing.assert_close(kept, expected)
+    assert flat_scores([torch.zeros(2, 3, 4, 4), torch.zeros(2, 3, 2, 2)]).shape == (2, 20, 3)
+
+
+@pytest.mark.parametrize("max_per_img", [1, 2])
+def test_max_per_img(max_per_img):
+    masks = {(0, c): box_mask(c, c + 4, 0, 16) for c in range(3)}
+    out = run({(0, 0, 0): 0.9, (0, 1, 1): 0.8, (0, 2, 2): 0.7}, masks, max_per_img=max_per_img)
+    assert out["labels"].tolist() == [0, 1, 2][:max_per_img]
