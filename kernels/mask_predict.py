@@ -57,49 +57,59 @@ def _mask_predict_kernel(
     # tile through L2 and features are read from DRAM about once.
     pid_k = tl.program_id(0)
     pid_n = tl.program_id(1)
-    rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # 64-bit scalar bases plus 32-bit offsets inside the tile: per-element 64-bit
+    # addresses of a [BLOCK_K, BLOCK_N] tile cost 2 registers per element and made every
+    # config spill on sm_80 (ptxas-blackwell -v).
+    k0 = pid_k * BLOCK_K
+    n0 = pid_n * BLOCK_N
+    lk = tl.arange(0, BLOCK_K)
+    ln = tl.arange(0, BLOCK_N)
     re = tl.arange(0, BLOCK_E)
-    k_ok = rk < K
-    n_ok = rn < N
-    a_ptrs = kern_ptr + rk[:, None].to(tl.int64) * stride_k + re[None, :]
-    b_ptrs = feat_ptr + re[:, None].to(tl.int64) * stride_e + rn[None, :]
+    k_ok = (k0 + lk) < K
+    n_ok = (n0 + ln) < N
+    a_base = kern_ptr + k0.to(tl.int64) * stride_k
+    b_base = feat_ptr + n0
+    a_offs = lk[:, None] * stride_k + re[None, :]
+    b_offs = re[:, None] * stride_e + ln[None, :]
 
     acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
     for e0 in range(0, E, BLOCK_E):
         e_ok = (e0 + re) < E
-        a = tl.load(a_ptrs, mask=k_ok[:, None] & e_ok[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=e_ok[:, None] & n_ok[None, :], other=0.0)
+        a = tl.load(a_base + a_offs, mask=k_ok[:, None] & e_ok[None, :], other=0.0)
+        b = tl.load(b_base + b_offs, mask=e_ok[:, None] & n_ok[None, :], other=0.0)
         if OPERAND == 1:
             acc = tl.dot(a.to(tl.float16), b.to(tl.float16), acc)
         elif OPERAND == 2:
             acc = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
         else:
             acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-        a_ptrs += BLOCK_E
-        b_ptrs += BLOCK_E * stride_e
+        a_base += BLOCK_E
+        b_base += stride_e.to(tl.int64) * BLOCK_E
 
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + rk, mask=k_ok, other=0.0).to(tl.float32)[:, None]
+        acc += tl.load(bias_ptr + k0 + lk, mask=k_ok, other=0.0).to(tl.float32)[:, None]
     soft = tl.sigmoid(acc)
     ok = k_ok[:, None] & n_ok[None, :]
     # Padding lanes have logit 0 -> soft 0.5; they must not count for mask_thr < 0.5.
     on = (soft > mask_thr) & ok
-    offs = rk[:, None].to(tl.int64) * N + rn[None, :]
-    tl.store(soft_ptr + offs, soft.to(soft_ptr.dtype.element_ty), mask=ok)
-    tl.store(bin_ptr + offs, on.to(tl.uint8), mask=ok)
-    tl.atomic_add(area_ptr + rk, tl.sum(on.to(tl.int32), axis=1), mask=k_ok)
-    tl.atomic_add(msum_ptr + rk, tl.sum(tl.where(on, soft, 0.0), axis=1), mask=k_ok)
+    tl.atomic_add(area_ptr + k0 + lk, tl.sum(on.to(tl.int32), axis=1), mask=k_ok)
+    tl.atomic_add(msum_ptr + k0 + lk, tl.sum(tl.where(on, soft, 0.0), axis=1), mask=k_ok)
+    out_base = k0.to(tl.int64) * N + n0
+    offs = lk[:, None] * N + ln[None, :]  # < BLOCK_K * N: int32 up to 16M pixels per mask
+    tl.store(soft_ptr + out_base + offs, soft.to(soft_ptr.dtype.element_ty), mask=ok)
+    tl.store(bin_ptr + out_base + offs, on.to(tl.uint8), mask=ok)
 
 
-# Tiles for the GPU, all checked for spills on sm_80/sm_90a by aot_specs(). The fp32
-# accumulator costs BLOCK_K*BLOCK_N/(32*num_warps) registers per thread: 64 for every
-# config here (a 128x128 tile gets 8 warps, not 4, which would need 128 and spill).
+# Tiles for the GPU, all checked by aot_specs() for spills on sm_80 and sm_90a with
+# ptxas-blackwell -v. The epilogue keeps soft, the threshold mask and the store addresses
+# of the whole tile live, so what matters is tile elements per thread: at 64 (64x128 or
+# 128x128 with 4 / 8 warps) every config spilled on sm_90a (368-840 bytes), at 32 none
+# does (150-255 registers). 16 warps would cap registers at 128 and spill again.
 CONFIGS = [
-    dict(BLOCK_K=64, BLOCK_N=128, BLOCK_E=32, num_warps=4, num_stages=3),
-    dict(BLOCK_K=128, BLOCK_N=128, BLOCK_E=32, num_warps=8, num_stages=3),
-    dict(BLOCK_K=64, BLOCK_N=256, BLOCK_E=32, num_warps=8, num_stages=3),
-    dict(BLOCK_K=32, BLOCK_N=256, BLOCK_E=64, num_warps=4, num_stages=3),
+    dict(BLOCK_K=64, BLOCK_N=128, BLOCK_E=32, num_warps=8, num_stages=3),
+    dict(BLOCK_K=128, BLOCK_N=64, BLOCK_E=32, num_warps=8, num_stages=3),
+    dict(BLOCK_K=64, BLOCK_N=64, BLOCK_E=32, num_warps=4, num_stages=3),
+    dict(BLOCK_K=32, BLOCK_N=128, BLOCK_E=32, num_warps=4, num_stages=3),
 ]
 # Under the interpreter each program is a batch of numpy ops: one large tile is fastest
 # and the tile shape does not change the result (fp32 sums are order-dependent only
