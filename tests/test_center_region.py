@@ -3,6 +3,8 @@
 Parity is bit-exact: labels, positive cells, their instances and the downsampled mask
 targets must be equal, not close.
 """
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -124,6 +126,60 @@ def test_random_scenes_match_reference(name):
         want = ops.center_region_assign(masks, labels, boxes, backend="reference", **kw)
         got = ops.center_region_assign(masks, labels, boxes, backend="cpu", **kw)
         assert_same(got, want, level_strides(cfg))
+
+
+def rounding_edge_cases(H, grids, pos_scale, limit=300):
+    """(2 * centre row, box height) pairs where floor((cy ± 0.5*h*pos_scale) / H * S), in
+    float64 and in the reference's operation order, differs from the exact rational value
+    or from the order (v * S) / H: only an implementation that rounds exactly like the
+    reference gets these cells right."""
+    from fractions import Fraction
+
+    cases = []
+    for r2 in range(2 * H - 1):
+        cy = r2 / 2
+        for h in range(1, H):
+            for S in grids:
+                half = 0.5 * h * pos_scale
+                exact_half = Fraction(1, 2) * h * Fraction(pos_scale)
+                if any(
+                    math.floor((cy + sg * half) / H * S) != v
+                    for sg in (-1, 1)
+                    for v in (math.floor((cy + sg * half) * S / H), math.floor((cy + sg * exact_half) / H * S))
+                ):
+                    cases.append((r2, h))
+                    break
+    step = max(1, len(cases) // limit)
+    return cases[::step][:limit]
+
+
+def pixels_with_centre(r2):
+    """One pixel index, or two adjacent ones, whose mean is r2 / 2."""
+    return [r2 // 2] if r2 % 2 == 0 else [r2 // 2, r2 // 2 + 1]
+
+
+@needs_cpu
+@pytest.mark.parametrize("pos_scale", [0.2, 0.3])
+def test_rounding_edges_match_reference(pos_scale):
+    H = W = 96  # not a power of two: division by H rounds
+    grids = [40, 36, 24, 16, 12]
+    cases = rounding_edge_cases(H, grids, pos_scale)
+    assert len(cases) > 50
+    cfg = dict(pad_shape=(H, W), num_grids=grids, scale_ranges=[(0, 1e9)] * 5, pos_scale=pos_scale,
+               num_classes=2, mask_stride=4)
+    masks, labels, boxes = [], [], []
+    for k, (r2, h) in enumerate(cases):
+        c2, w = cases[(k * 7 + 3) % len(cases)]  # another edge case on the x axis
+        m = torch.zeros(1, H, W, dtype=torch.uint8)
+        for r in pixels_with_centre(r2):
+            for c in pixels_with_centre(c2):
+                m[0, r, c] = 1
+        masks.append(m)
+        labels.append(torch.tensor([1]))
+        boxes.append(torch.tensor([[0.0, 0.0, w, h]], dtype=torch.float64))
+    got = ops.center_region_assign_batch(masks, labels, boxes, backend="cpu", **cfg)
+    for m, l, b, g in zip(masks, labels, boxes, got):
+        assert_same(g, ops.center_region_assign(m, l, b, backend="reference", **cfg), [4] * 5)
 
 
 @needs_cpu

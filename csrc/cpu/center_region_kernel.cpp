@@ -181,7 +181,9 @@ center_region_assign_cpu(at::TensorList gt_masks, at::TensorList gt_labels,
       targets[b * D + k] = at::zeros({first[b + 1] - first[b], taps[k].oh, taps[k].ow}, at::kByte);
 
   std::vector<cr::Moments> mom(total);
-  at::parallel_for(0, total, 1, [&](int64_t begin, int64_t end) {
+  // Small images stay on one thread: waking the pool costs more than a few 64×96 masks.
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(1, H * W));
+  at::parallel_for(0, total, grain, [&](int64_t begin, int64_t end) {
     Scratch s;
     s.colsum.assign(W, 0);
     s.lo.resize(H);
