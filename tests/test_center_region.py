@@ -210,6 +210,20 @@ def test_full_size_scenes(cfg):
 
 
 @needs_cpu
+def test_non_contiguous_masks_int32_labels_half_boxes():
+    g = torch.Generator().manual_seed(4)
+    masks = random_masks(g, 6, 96, 64).transpose(1, 2)  # [6, 64, 96], not contiguous
+    assert not masks.is_contiguous()
+    labels = torch.randint(0, 7, (6,), generator=g, dtype=torch.int32)
+    boxes = (torch.rand(6, 4, generator=g) * 40).sort(1).values.half()  # x1 <= y1 <= x2 <= y2
+    cfg = dict(CONFIGS["solo_64x96"], pos_scale=0.2, num_classes=7)
+    for b in (None, boxes, boxes.bfloat16()):
+        want = ops.center_region_assign(masks, labels, b, backend="reference", **cfg)
+        assert_same(ops.center_region_assign(masks, labels, b, backend="cpu", **cfg), want, level_strides(cfg))
+        assert_same(ops.center_region_assign(masks.bool(), labels, b, backend="cpu", **cfg), want, level_strides(cfg))
+
+
+@needs_cpu
 def test_no_instances_and_no_candidates():
     cfg = dict(CONFIGS["solo_64x96"], pos_scale=0.2, num_classes=5)
     for masks in (torch.zeros(0, 64, 96, dtype=torch.uint8), torch.zeros(3, 64, 96, dtype=torch.bool)):
