@@ -36,6 +36,8 @@ constexpr int64_t kVectorWords = 8;
 // Rows sharing one pass over a column mask: each loaded word of mask j serves 4 rows,
 // which cuts the traffic of streaming the (L3-resident) column masks by 4.
 constexpr int kRows = 4;
+// Words of one pass over a column (a multiple of kVectorWords): 128 words = 1 KB.
+constexpr int64_t kChunkWords = 128;
 
 using PackFn = void (*)(const uint8_t* src, int64_t pixels, uint64_t* dst, int64_t words);
 // out[r] = popcount(a[r] & b) over `words` words, for r < kRows (popc_rows) or r = 0 (popc_one).
@@ -249,30 +251,53 @@ at::Tensor matrix_nms_decay_popcount_cpu(const at::Tensor& masks, const at::Tens
   // Block b has about n - kRows * b columns to its right. Interleaving first and last
   // blocks gives each thread's contiguous chunk of [0, blocks) an even share of work.
   at::parallel_for(0, blocks, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<int64_t> cols;
+    std::vector<unsigned> act;
+    std::vector<int64_t> inter;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t blk = (t % 2 == 0) ? t / 2 : blocks - 1 - t / 2;
       const int64_t i0 = blk * kRows;
       const int rows = static_cast<int>(std::min<int64_t>(kRows, n - i0));
-      const uint64_t* a[kRows];
-      for (int r = 0; r < kRows; ++r) a[r] = packed + std::min<int64_t>(i0 + r, n - 1) * words;
+      cols.clear();
+      act.clear();
       for (int64_t j = i0 + 1; j < n; ++j) {
         unsigned active = 0;
         for (int r = 0; r < rows; ++r) {
           if (i0 + r < j && lab[i0 + r] == lab[j]) active |= 1u << r;
         }
-        if (active == 0) continue;
-        int64_t inter[kRows] = {};
-        const uint64_t* col = packed + j * words;
-        if ((active & (active - 1)) == 0) {
-          const int r = __builtin_ctz(active);
-          isa.popc_one(a + r, col, words, inter + r);
-        } else {
-          isa.popc_rows(a, col, words, inter);
+        if (active != 0) {
+          cols.push_back(j);
+          act.push_back(active);
         }
+      }
+      if (cols.empty()) continue;
+      inter.assign(cols.size() * kRows, 0);
+      // Chunks of kChunkWords: the block's rows (4 x 1 KB) stay in L1 and the chunk of
+      // every column (N x 1 KB) in L2, instead of whole masks streaming from L3.
+      for (int64_t w0 = 0; w0 < words; w0 += kChunkWords) {
+        const int64_t len = std::min<int64_t>(kChunkWords, words - w0);
+        const uint64_t* a[kRows];
+        for (int r = 0; r < kRows; ++r) a[r] = packed + std::min<int64_t>(i0 + r, n - 1) * words + w0;
+        for (size_t c = 0; c < cols.size(); ++c) {
+          const uint64_t* col = packed + cols[c] * words + w0;
+          int64_t part[kRows] = {};
+          const unsigned active = act[c];
+          if ((active & (active - 1)) == 0) {
+            const int r = __builtin_ctz(active);
+            isa.popc_one(a + r, col, len, part + r);
+          } else {
+            isa.popc_rows(a, col, len, part);
+          }
+          for (int r = 0; r < kRows; ++r) inter[c * kRows + r] += part[r];
+        }
+      }
+      for (size_t c = 0; c < cols.size(); ++c) {
+        const int64_t j = cols[c];
         for (int r = 0; r < rows; ++r) {
-          if (active & (1u << r)) {
+          if (act[c] & (1u << r)) {
             // Exact up to 2**24 pixels, like the reference's float32 matmul.
-            iou_t[j * n + i0 + r] = matrix_nms::iou(static_cast<float>(inter[r]), area[i0 + r], area[j]);
+            iou_t[j * n + i0 + r] =
+                matrix_nms::iou(static_cast<float>(inter[c * kRows + r]), area[i0 + r], area[j]);
           }
         }
       }
