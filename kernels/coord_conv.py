@@ -143,45 +143,54 @@ def add_coord_term(
 def aot_specs() -> List[dict]:
     """Every compiled variant the launcher can produce on a GPU, for ahead-of-time checks (DESIGN.md §5).
 
-    3x3 kernels of the SOLO heads, each coordinate set, with and without bias, fp32 and fp16 activations.
+    3x3 kernels of the SOLO heads, each coordinate set, with and without bias, fp32 /
+    fp16 / bf16 activations, 16-aligned pointers (every torch allocation); plus, for
+    "xy" with bias, map sizes divisible by 16 (vectorised loads and stores).
     """
+    ptrs = ("conv_ptr", "wc_ptr", "bias_ptr", "xs_ptr", "ys_ptr", "out_ptr")
+    div16 = [["tt.divisibility", 16]]
+    variants = [(dt, hx, hy, hb, False) for dt in ("fp32", "fp16", "bf16")
+                for hx, hy in ((1, 1), (1, 0), (0, 1)) for hb in (True, False)]
+    variants += [(dt, 1, 1, True, True) for dt in ("fp32", "fp16", "bf16")]
     specs = []
-    for dt in ("fp32", "fp16", "bf16"):
-        for has_x, has_y in ((1, 1), (1, 0), (0, 1)):
-            for has_bias in (True, False):
-                sig = {
-                    "conv_ptr": f"*{dt}",
-                    "wc_ptr": f"*{dt}",
-                    "bias_ptr": f"*{dt}",
-                    "xs_ptr": "*fp32",
-                    "ys_ptr": "*fp32",
-                    "out_ptr": f"*{dt}",
-                    "O": "i32",
-                    "H": "i32",
-                    "W": "i32",
-                    "Ho": "i32",
-                    "Wo": "i32",
-                    "PAD": "i32",
-                }
-                constexprs = {
-                    "HAS_X": has_x,
-                    "HAS_Y": has_y,
-                    "HAS_BIAS": has_bias,
-                    "KH": 3,
-                    "KW": 3,
-                    "BLOCK_H": BLOCK_H,
-                    "BLOCK_W": BLOCK_W,
-                }
-                for k in constexprs:
-                    sig[k] = "constexpr"
-                specs.append(
-                    {
-                        "fn": _coord_term_kernel,
-                        "signature": sig,
-                        "constexprs": constexprs,
-                        "num_warps": NUM_WARPS,
-                        "num_stages": 1,
-                        "tensor_cores": False,
-                    }
-                )
+    for dt, has_x, has_y, has_bias, even in variants:
+        sig = {
+            "conv_ptr": f"*{dt}",
+            "wc_ptr": f"*{dt}",
+            "bias_ptr": f"*{dt}",
+            "xs_ptr": "*fp32",
+            "ys_ptr": "*fp32",
+            "out_ptr": f"*{dt}",
+            "O": "i32",
+            "H": "i32",
+            "W": "i32",
+            "Ho": "i32",
+            "Wo": "i32",
+            "PAD": "i32",
+        }
+        constexprs = {
+            "HAS_X": has_x,
+            "HAS_Y": has_y,
+            "HAS_BIAS": has_bias,
+            "KH": 3,
+            "KW": 3,
+            "BLOCK_H": BLOCK_H,
+            "BLOCK_W": BLOCK_W,
+        }
+        for k in constexprs:
+            sig[k] = "constexpr"
+        attrs = {name: div16 for name in ptrs}
+        if even:
+            attrs.update({name: div16 for name in ("H", "W", "Ho", "Wo")})
+        specs.append(
+            {
+                "fn": _coord_term_kernel,
+                "signature": sig,
+                "constexprs": constexprs,
+                "attrs": attrs,
+                "num_warps": NUM_WARPS,
+                "num_stages": 1,
+                "tensor_cores": False,
+            }
+        )
     return specs

@@ -195,9 +195,19 @@ def aot_specs() -> List[dict]:
 
     fp16 and bf16 inputs keep their dtype; fp32 inputs on a GPU are rounded to fp16 in
     the kernel (the "ieee" mode is the interpreter's exact-parity mode and has no mma).
+    A launch specialises on 16-aligned pointers (every torch allocation) and on ints
+    divisible by 16 (vectorised loads and stores); the model's shapes (E = 256, H*W a
+    multiple of 64) get that, odd sizes do not, so fp16 is also compiled without it.
     """
+    ptrs = ("kern_ptr", "feat_ptr", "bias_ptr", "soft_ptr", "bin_ptr", "area_ptr", "msum_ptr")
+    div16 = [["tt.divisibility", 16]]
+    variants = [("fp16", "fp16", FP16, True), ("bf16", "bf16", BF16, True), ("fp32", "fp16", FP16, True),
+                ("fp16", "fp16", FP16, False)]
     specs = []
-    for in_dt, out_dt, operand in (("fp16", "fp16", FP16), ("bf16", "bf16", BF16), ("fp32", "fp16", FP16)):
+    for in_dt, out_dt, operand, even in variants:
+        attrs = {name: div16 for name in ptrs}
+        if even:
+            attrs.update({name: div16 for name in ("E", "N", "stride_k", "stride_e")})
         for c in CONFIGS:
             sig = {
                 "kern_ptr": f"*{in_dt}",
@@ -230,6 +240,7 @@ def aot_specs() -> List[dict]:
                     "fn": _mask_predict_kernel,
                     "signature": sig,
                     "constexprs": constexprs,
+                    "attrs": attrs,
                     "num_warps": c["num_warps"],
                     "num_stages": c["num_stages"],
                     "tensor_cores": True,
