@@ -230,7 +230,9 @@ def launch_decay(
     # 16-byte vector (byte loads spill); SOLO's masks (H, W multiples of 8) already are.
     # Otherwise copy once into zero-padded rows: the zeros add nothing to the dots.
     k_pad = triton.cdiv(k, 16) * 16
-    if flat.stride(1) != 1 or flat.stride(0) % 16 or k_pad != k or flat.data_ptr() % 16:
+    # storage_offset, not data_ptr(): the op is also traced with FakeTensors (torch.compile),
+    # and allocations themselves are at least 16-byte aligned.
+    if flat.stride(1) != 1 or flat.stride(0) % 16 or k_pad != k or flat.storage_offset() % 16:
         padded = torch.zeros((n, k_pad), dtype=torch.uint8, device=device)
         padded[:, :k] = flat
         flat, k = padded, k_pad
