@@ -71,6 +71,17 @@ def test_cpu_dtypes(out_dtype, in_dtype):
         assert torch.equal(g, w)
 
 
+@pytest.mark.parametrize("chunk", [1, 4, 16])
+def test_cpu_chunked_maskness_bit_exact(chunk):
+    from solo_fast.ops._mask_predict import mask_predict_cpu
+
+    f, k, b = make(37, 19, 9, 13)
+    got = mask_predict_cpu(f, k, b, chunk=chunk)
+    want = reference.mask_predict(f, k, b)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+
+
 def test_cpu_model_sized():
     # A SOLOv2 mask-feature map of a padded 800x1344 input at stride 4 is 200x336 -- use
     # a quarter of it to keep the test short; H*W a multiple of 64 as in the model.

@@ -11,8 +11,9 @@ contributes
 
 (x: ``r`` = 1 on the rows, ``c`` = the x coordinates; y: ``r`` = the y coordinates,
 ``c`` = 1 on the columns; ``_pad`` is zero outside the map), so no ``[B, 2, H, W]``
-tensor is ever built: the "cpu" path evaluates it as one small matmul into an
-``[O, Ho, Wo]`` term, the "triton" path computes it per output pixel inside the kernel.
+tensor is ever built: the "cpu" path adds it to the conv output with one in-place batched GEMM of
+``[Ho, n*KH]`` row factors and ``[O, n*KH, Wo]`` width-summed taps, the "triton" path
+computes it per output pixel inside the kernel.
 """
 from __future__ import annotations
 
@@ -69,40 +70,34 @@ def _factors(xs, ys, coords: str) -> Tuple[List[torch.Tensor], List[torch.Tensor
     return rows, cols
 
 
-def coord_term(
+def coord_factors(
     w_coord: torch.Tensor,
     xs: torch.Tensor,
     ys: torch.Tensor,
-    bias: Optional[torch.Tensor],
     *,
     padding: int,
     coords: str,
     out_size: Tuple[int, int],
-) -> torch.Tensor:
-    """[O, Ho, Wo]: the coordinate channels' (and the bias's) share of the convolution.
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(r [Ho, A], t [O, A, Wo]) with ``r @ t`` (batched over O) the coordinate channels' term [O, Ho, Wo].
 
-    ``w_coord`` [O, n, KH, KW] is the coordinate part of the weight. Differentiable in
-    ``w_coord`` and ``bias`` through plain torch ops.
+    ``w_coord`` [O, n, KH, KW] is the coordinate part of the weight; A = n * KH. The
+    taps along the width are summed into ``t`` by one [O*KH, KW] x [KW, Wo] GEMM per
+    channel, those along the height stay in ``r`` (zero-padding rows as zeros).
+    Differentiable in ``w_coord`` through plain torch ops.
     """
     o, n, kh, kw = w_coord.shape
     ho, wo = out_size
     rows, cols = _factors(xs, ys, coords)
-    r = torch.stack([_windows(v, padding, kh, ho) for v in rows])  # [n, KH, Ho]
-    c = torch.stack([_windows(v, padding, kw, wo) for v in cols])  # [n, KW, Wo]
-    t = torch.matmul(w_coord, c).reshape(o, n * kh, wo)  # [O, n*KH, Wo]: taps along the width summed
-    r = r.reshape(n * kh, ho).t()  # [Ho, n*KH]
-    if bias is not None:
-        # The bias rides along as one more "tap" whose row factor is 1 everywhere, so the
-        # same matmul writes it and no separate pass over [O, Ho, Wo] is needed.
-        r = torch.cat([r, r.new_ones(ho, 1)], 1)
-        t = torch.cat([t, bias.to(t.dtype).view(o, 1, 1).expand(o, 1, wo)], 1)
-    return torch.matmul(r, t)  # [O, Ho, Wo]
+    r = torch.cat([_windows(v, padding, kh, ho) for v in rows]).t()  # [Ho, n*KH]
+    ts = [(w_coord[:, i].reshape(o * kh, kw) @ _windows(v, padding, kw, wo)).view(o, kh, wo) for i, v in enumerate(cols)]
+    return r, ts[0] if n == 1 else torch.cat(ts, 1)
 
 
 def coord_weight_grad(
     grad_out: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor, *, padding: int, coords: str, kernel_size: Tuple[int, int]
 ) -> torch.Tensor:
-    """[O, n, KH, KW]: d loss / d w_coord given d loss / d out [B, O, Ho, Wo] (the separable transpose of :func:`coord_term`)."""
+    """[O, n, KH, KW]: d loss / d w_coord given d loss / d out [B, O, Ho, Wo] (the separable transpose of :func:`coord_factors`)."""
     kh, kw = kernel_size
     ho, wo = grad_out.shape[-2:]
     g = grad_out.sum(0)  # [O, Ho, Wo]: the coordinate maps are the same for every image
@@ -127,12 +122,20 @@ def coord_conv2d_cpu(
     coord_src_size: Optional[Tuple[int, int]] = None,
 ) -> torch.Tensor:
     c = x.shape[1]
-    out = F.conv2d(x, weight[:, :c], None, padding=padding)
-    ho, wo = out.shape[-2:]
+    out = F.conv2d(x, weight[:, :c], bias, padding=padding)
+    if not out.is_contiguous():  # channels_last input; the in-place update below needs [B*O, Ho, Wo] rows
+        out = out.contiguous()
+    b, o, ho, wo = out.shape
     xs, ys = coord_vectors(x.shape[2], x.shape[3], coord_src_size=coord_src_size, device=x.device, dtype=x.dtype)
-    term = coord_term(weight[:, c:], xs, ys, bias, padding=padding, coords=coords, out_size=(ho, wo))
-    # In place: conv2d's backward needs its inputs, not its output.
-    return out.add_(term.to(out.dtype))
+    r, t = coord_factors(weight[:, c:], xs, ys, padding=padding, coords=coords, out_size=(ho, wo))
+    if b > 1:
+        t = t.repeat(b, 1, 1)
+    # One in-place batched GEMM adds the term to the conv output: no [O, Ho, Wo] term
+    # tensor and one parallel region (on a busy 2-core machine every extra op costs a
+    # scheduler time slice, ~4-16 ms, more than its arithmetic). conv2d's backward
+    # needs its inputs, not its output, so updating it in place is safe for autograd.
+    out.view(b * o, ho, wo).baddbmm_(r.expand(b * o, ho, r.shape[1]), t)
+    return out
 
 
 _backend.register("coord_conv2d", "cpu", lambda device_type: device_type == "cpu")(coord_conv2d_cpu)

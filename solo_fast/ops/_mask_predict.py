@@ -1,15 +1,16 @@
 """Fast paths of ``mask_predict`` (DESIGN.md §2).
 
 "cpu": the reference's own formulation -- one fp32 GEMM, ``+ bias``, sigmoid,
-``> mask_thr``, the per-mask sums -- run as in-place passes over the output tensors, so
-the only temporaries beyond the outputs are one CHUNK-mask buffer for the maskness
-product (and the fp32 logits when ``out_dtype`` is not fp32). It gives the reference's
-``soft``, ``binary``, ``area`` and ``maskness`` bit for bit: the GEMM is the very same
-call (the BLAS may round a row differently when given fewer rows -- MKL does at some
-small shapes -- so it is deliberately not split over K), the elementwise passes are the
-same kernels on the same shapes, and the maskness sums reduce each mask's H*W values as
-the reference does. Bounding memory over thousands of masks is the caller's job (a model calls
-it per chunk of candidates, e.g. for LVIS; the reference then sees the same chunks).
+``> mask_thr``, the per-mask sums -- run as in-place passes over the output tensors. The
+only temporaries beyond the outputs are the maskness product, computed a chunk of masks
+at a time into one buffer of at most CHUNK_ELEMS values, and the fp32 logits when
+``out_dtype`` is not fp32. It gives the reference's ``soft``, ``binary``, ``area`` and
+``maskness`` bit for bit: the GEMM is the very same call (the BLAS may round a row
+differently when given fewer rows -- MKL does at some small shapes -- so it is
+deliberately not split over K), the elementwise passes are the same kernels on the same
+shapes, and the maskness sums reduce each mask's H*W values as the reference does.
+Bounding memory over thousands of masks is the caller's job (a model calls it per chunk
+of candidates, e.g. for LVIS; the reference then sees the same chunks).
 
 "triton": one fused kernel (``kernels/mask_predict.py``) behind the ``triton_op``
 ``solo_fast::mask_predict``.
@@ -28,8 +29,11 @@ from .. import _backend
 from . import reference
 from ._coord_conv import _interpreting, triton_available
 
-# Masks per chunk of the CPU path's maskness product (its only temporary).
-CHUNK = 64
+# Bound on the CPU path's one temporary (the maskness product), in fp32 elements: 64 MB.
+# Fewer, larger chunks rather than many small ones: each chunk is two parallel regions,
+# and with the 2 OpenMP threads sharing their cores with other work (this machine), a
+# region costs a scheduler time slice (4-16 ms measured) more than its arithmetic.
+CHUNK_ELEMS = 1 << 24
 
 
 def _wants_grad(*tensors) -> bool:
@@ -49,7 +53,7 @@ def mask_predict_cpu(
     *,
     mask_thr: float = 0.5,
     out_dtype: Optional[torch.dtype] = None,
-    chunk: int = CHUNK,
+    chunk: Optional[int] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     if _wants_grad(features, kernels, bias):
         return reference.mask_predict(features, kernels, bias, mask_thr=mask_thr, out_dtype=out_dtype)
@@ -87,6 +91,8 @@ def mask_predict_cpu(
     area.copy_(binary.view(k, n).view(torch.uint8).sum(1, dtype=torch.int32))
     # maskness needs soft * binary summed exactly as the reference sums it (per mask, the
     # same reduction over H*W); only this product is chunked, into a reused buffer.
+    if chunk is None:
+        chunk = max(1, CHUNK_ELEMS // max(n, 1))
     tmp = torch.empty(min(chunk, k), h, w, dtype=torch.float32, device=dev)
     for k0 in range(0, k, chunk):
         k1 = min(k, k0 + chunk)
