@@ -12,8 +12,8 @@ contributes
 (x: ``r`` = 1 on the rows, ``c`` = the x coordinates; y: ``r`` = the y coordinates,
 ``c`` = 1 on the columns; ``_pad`` is zero outside the map), so no ``[B, 2, H, W]``
 tensor is ever built: the "cpu" path adds it to the conv output with one in-place batched GEMM of
-``[Ho, n*KH]`` row factors and ``[O, n*KH, Wo]`` width-summed taps, the "triton" path
-computes it per output pixel inside the kernel.
+``[Ho, taps]`` row factors and ``[O, taps, Wo]`` weighted column factors, the "triton"
+path computes it per output pixel inside the kernel.
 """
 from __future__ import annotations
 
@@ -79,19 +79,25 @@ def coord_factors(
     coords: str,
     out_size: Tuple[int, int],
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(r [Ho, A], t [O, A, Wo]) with ``r @ t`` (batched over O) the coordinate channels' term [O, Ho, Wo].
+    """(r [Ho, T], t [O, T, Wo]) with ``r @ t`` (batched over O) the coordinate channels' term [O, Ho, Wo].
 
-    ``w_coord`` [O, n, KH, KW] is the coordinate part of the weight; A = n * KH. The
-    taps along the width are summed into ``t`` by one [O*KH, KW] x [KW, Wo] GEMM per
-    channel, those along the height stay in ``r`` (zero-padding rows as zeros).
+    ``w_coord`` [O, n, KH, KW] is the coordinate part of the weight and T = n*KH*KW
+    indexes the taps: ``r[h, tap]`` is the tap's row factor at output row h (0 in the
+    zero padding), ``t[o, tap, w] = w_coord[o, tap] * column factor``. ``t`` is a single
+    broadcast product rather than a small GEMM: with 2 threads on a shared machine each
+    tiny MKL call cost ~30 ms of waiting (torch.profiler), far more than its arithmetic.
     Differentiable in ``w_coord`` through plain torch ops.
     """
     o, n, kh, kw = w_coord.shape
     ho, wo = out_size
     rows, cols = _factors(xs, ys, coords)
-    r = torch.cat([_windows(v, padding, kh, ho) for v in rows]).t()  # [Ho, n*KH]
-    ts = [(w_coord[:, i].reshape(o * kh, kw) @ _windows(v, padding, kw, wo)).view(o, kh, wo) for i, v in enumerate(cols)]
-    return r, ts[0] if n == 1 else torch.cat(ts, 1)
+    # [n, KH, Ho] -> [Ho, n, KH, KW] -> [Ho, T]
+    r = torch.stack([_windows(v, padding, kh, ho) for v in rows])
+    r = r.permute(2, 0, 1)[..., None].expand(ho, n, kh, kw).reshape(ho, n * kh * kw)
+    # [n, KW, Wo] -> [n, KH, KW, Wo] -> [T, Wo]
+    c = torch.stack([_windows(v, padding, kw, wo) for v in cols])
+    c = c[:, None].expand(n, kh, kw, wo).reshape(n * kh * kw, wo)
+    return r, w_coord.reshape(o, n * kh * kw, 1) * c
 
 
 def coord_weight_grad(
