@@ -73,6 +73,10 @@ def _inter_kernel(
     k_blocks = tl.cdiv(K, BLOCK_K)
     blocks_per_split = tl.cdiv(k_blocks, num_split)
     k_lo = pid_k * blocks_per_split * BLOCK_K
+    # A split past the end (more splits than K blocks need) adds nothing; leaving early
+    # keeps a negative k_hi - k_lo away from the ragged-step arithmetic below.
+    if k_lo >= K:
+        return
     k_hi = tl.minimum(k_lo + blocks_per_split * BLOCK_K, K)
 
     rows = row0 + tl.arange(0, BLOCK_M)
@@ -206,7 +210,9 @@ def _split_k(n: int, k: int, block_m: int, block_n: int, block_k: int, num_sms: 
     # pipeline fills (the interpreter takes any split, to exercise the atomics).
     k_blocks = triton.cdiv(k, block_k)
     min_blocks = 1 if _interpreting() else 4
-    return max(1, min(triton.cdiv(num_sms, max(live, 1)), k_blocks // min_blocks))
+    split = max(1, min(triton.cdiv(num_sms, max(live, 1)), k_blocks // min_blocks))
+    # Equal shares of whole K blocks, none empty.
+    return triton.cdiv(k_blocks, triton.cdiv(k_blocks, split))
 
 
 def launch_decay(

@@ -294,6 +294,28 @@ def test_triton_every_config_and_split_k():
 
 
 @needs_triton
+@pytest.mark.parametrize("split", [1, 3, 5, 7, 9])
+def test_triton_intersections_any_split(split):
+    """The intersection kernel alone against a matmul, with grids of more splits than the
+    K blocks fill (7 blocks in 5 splits of 2 leaves one split past the end)."""
+    from solo_fast.kernels import matrix_nms as km
+
+    n, k = 70, 7 * 128 - 48
+    masks = (torch.rand(n, k) < 0.3).to(torch.int8)
+    masks[3] = masks[2]
+    want = (masks.float() @ masks.float().t()).triu(1).to(torch.int32)
+    inter = torch.zeros(n, n, dtype=torch.int32)
+    grid = (triton_cdiv(n, 64), triton_cdiv(n, 64), split)
+    km._inter_kernel[grid](masks.to(DEVICE_TRITON), inter_dev := inter.to(DEVICE_TRITON), n, k, k, 128, 1024,
+                           BLOCK_M=64, BLOCK_N=64, BLOCK_K=128)
+    assert torch.equal(inter_dev.cpu(), want)
+
+
+def triton_cdiv(a, b):
+    return (a + b - 1) // b
+
+
+@needs_triton
 def test_triton_op_is_registered():
     masks, labels, _ = clustered(12, 8, 8)
     area = masks.reshape(12, -1).sum(1)
