@@ -11,7 +11,11 @@
 #include <ATen/core/List.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cstring>
+#include <functional>
+#include <memory>
+#include <thread>
 #include <tuple>
 #include <vector>
 
@@ -69,10 +73,30 @@ struct Scratch {
   std::vector<int64_t> lo, hi;  // per row span, lo > hi when the row is empty
 };
 
+// Instances handed out one at a time. A helper may start after the op has returned, so
+// it reaches the op's state (through `work`) only after claiming an instance, which the
+// op then waits for.
+struct WorkQueue {
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> busy{0};
+  int64_t total = 0;
+  std::function<void(WorkQueue&, int64_t)> work;
+
+  void run() {
+    ++busy;
+    const int64_t g = next++;
+    if (g < total) work(*this, g);
+    --busy;
+  }
+};
+
 // Moments of one mask, and its downsampled targets (out[k] points to [oh_k, ow_k]).
 void scan_instance(const uint8_t* mask, int64_t H, int64_t W, const std::vector<StrideTaps>& strides,
                    const std::vector<uint8_t*>& out, Scratch& s, cr::Moments* mom) {
   cr::moments_init(mom, H, W);
+  // Zeroed here rather than by at::zeros: a fill is an OpenMP region, and on a loaded
+  // machine every fork-join region costs tens of ms (measured on the 2-core box).
+  for (size_t k = 0; k < strides.size(); ++k) std::memset(out[k], 0, strides[k].oh * strides[k].ow);
   uint32_t* colsum = s.colsum.data();
   std::vector<int64_t> next(strides.size(), 0);
   int64_t sum_r = 0, area = 0;
@@ -178,27 +202,40 @@ center_region_assign_cpu(at::TensorList gt_masks, at::TensorList gt_labels,
   std::vector<Tensor> targets(B * D);
   for (int64_t b = 0; b < B; ++b)
     for (int64_t k = 0; k < D; ++k)
-      targets[b * D + k] = at::zeros({first[b + 1] - first[b], taps[k].oh, taps[k].ow}, at::kByte);
+      targets[b * D + k] = at::empty({first[b + 1] - first[b], taps[k].oh, taps[k].ow}, at::kByte);
 
   std::vector<cr::Moments> mom(total);
-  // Small images stay on one thread: waking the pool costs more than a few 64×96 masks.
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(1, H * W));
-  at::parallel_for(0, total, grain, [&](int64_t begin, int64_t end) {
+  auto scan = [&](int64_t g, Scratch& s, std::vector<uint8_t*>& out) {
+    int64_t b = 0;
+    while (g >= first[b + 1]) ++b;
+    const int64_t m = g - first[b];
+    const uint8_t* mask = reinterpret_cast<const uint8_t*>(masks[b].data_ptr()) + m * H * W;
+    for (int64_t k = 0; k < D; ++k) out[k] = targets[b * D + k].data_ptr<uint8_t>() + m * taps[k].oh * taps[k].ow;
+    scan_instance(mask, H, W, taps, out, s, &mom[g]);
+  };
+  // Helpers from the inter-op pool share the instances with the calling thread through a
+  // counter, and the caller waits only for helpers that have claimed one. A fork-join
+  // region (at::parallel_for) waits for every thread to be scheduled: on this 2-core
+  // machine under load that cost ~110 ms per call against ~8 ms for one thread alone;
+  // this way a busy machine degrades to the one-thread time. Small batches of masks stay
+  // on the calling thread: waking a helper costs more than scanning a few 64×96 masks.
+  auto queue = std::make_shared<WorkQueue>();
+  queue->total = total;
+  queue->work = [&scan, H, W, D](WorkQueue& q, int64_t g) {
     Scratch s;
     s.colsum.assign(W, 0);
     s.lo.resize(H);
     s.hi.resize(H);
     std::vector<uint8_t*> out(D);
-    int64_t b = 0;
-    for (int64_t g = begin; g < end; ++g) {
-      while (g >= first[b + 1]) ++b;
-      const int64_t m = g - first[b];
-      const uint8_t* mask = reinterpret_cast<const uint8_t*>(masks[b].data_ptr()) + m * H * W;
-      for (int64_t k = 0; k < D; ++k)
-        out[k] = targets[b * D + k].data_ptr<uint8_t>() + m * taps[k].oh * taps[k].ow;
-      scan_instance(mask, H, W, taps, out, s, &mom[g]);
-    }
-  });
+    do scan(g, s, out);
+    while ((g = q.next++) < q.total);
+  };
+  const int64_t min_pixels = int64_t{1} << 18;
+  const int64_t helpers =
+      total * H * W >= 2 * min_pixels ? std::min<int64_t>(at::get_num_threads() - 1, total - 1) : 0;
+  for (int64_t h = 0; h < helpers; ++h) at::launch([queue] { queue->run(); });
+  queue->run();
+  while (queue->busy.load() != 0) std::this_thread::yield();
 
   std::vector<Tensor> labels_out(B * L), cells_out(B * L), inst_out(B * L);
   std::vector<int64_t> owner;
