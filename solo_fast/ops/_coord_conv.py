@@ -11,9 +11,9 @@ contributes
 
 (x: ``r`` = 1 on the rows, ``c`` = the x coordinates; y: ``r`` = the y coordinates,
 ``c`` = 1 on the columns; ``_pad`` is zero outside the map), so no ``[B, 2, H, W]``
-tensor is ever built: the "cpu" path adds it to the conv output with one in-place batched GEMM of
-``[Ho, taps]`` row factors and ``[O, taps, Wo]`` weighted column factors, the "triton"
-path computes it per output pixel inside the kernel.
+tensor is ever built: the "cpu" path adds it to the conv output with one in-place
+batched GEMM of ``[Ho, taps]`` row factors and ``[O, taps, Wo]`` weighted column
+factors, the "triton" path computes it per output pixel inside the kernel.
 """
 from __future__ import annotations
 
