@@ -192,8 +192,8 @@ def center_region_assign_batch(
     _check_assign_config(pad_shape, num_grids, scale_ranges, pos_scale, num_classes, mask_stride)
     if not gt_masks:
         return []
-    for i, (m, l, b) in enumerate(zip(gt_masks, gt_labels, boxes)):
-        _check_assign_image(m, l, b, pad_shape, num_classes, where=f"[{i}]")
+    for i, (masks, labels, box) in enumerate(zip(gt_masks, gt_labels, boxes)):
+        _check_assign_image(masks, labels, box, pad_shape, num_classes, where=f"[{i}]")
     devices = {m.device for m in gt_masks}
     if len(devices) > 1:
         raise ValueError(f"gt_masks: expected all images on one device, got {sorted(map(str, devices))}")
@@ -202,11 +202,11 @@ def center_region_assign_batch(
         pad_shape=pad_shape, num_grids=list(num_grids), scale_ranges=[tuple(r) for r in scale_ranges],
         pos_scale=float(pos_scale), num_classes=num_classes, mask_stride=mask_stride,
     )
-    labels = [l.long() for l in gt_labels]
+    labels64 = [labels.long() for labels in gt_labels]
     batched = getattr(fn, "batched", None)
     if batched is not None:
-        return batched(list(gt_masks), labels, boxes, **config)
-    return [fn(m, l, b, **config) for m, l, b in zip(gt_masks, labels, boxes)]
+        return batched(list(gt_masks), labels64, boxes, **config)
+    return [fn(*image, **config) for image in zip(gt_masks, labels64, boxes)]
 
 
 # --------------------------------------------------------------------------------------
