@@ -86,6 +86,17 @@ def random_scene(seed, H, W, max_m=9):
     return masks, labels, boxes, pos_scale
 
 
+@pytest.fixture
+def one_thread():
+    """Small scenes on one thread: the reference's many small ops would each open an
+    OpenMP region, and on a loaded 2-core machine every region waits tens of ms for its
+    second thread. (The compiled op keeps images this small on one thread anyway.)"""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def assert_same(got, want, strides):
     assert len(got.labels) == len(want.labels) == len(strides)
     for lvl in range(len(strides)):
@@ -116,6 +127,7 @@ CONFIGS = {
 
 
 @needs_cpu
+@pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_random_scenes_match_reference(name):
     cfg = CONFIGS[name]
@@ -159,6 +171,7 @@ def pixels_with_centre(r2):
 
 
 @needs_cpu
+@pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("pos_scale", [0.2, 0.3])
 def test_rounding_edges_match_reference(pos_scale):
     H = W = 96  # not a power of two: division by H rounds
@@ -183,6 +196,7 @@ def test_rounding_edges_match_reference(pos_scale):
 
 
 @needs_cpu
+@pytest.mark.usefixtures("one_thread")
 def test_batch_matches_reference_and_single():
     cfg = dict(CONFIGS["solo_64x96"], pos_scale=0.2, num_classes=7)
     scenes = [random_scene(s, 64, 96) for s in range(6)]
