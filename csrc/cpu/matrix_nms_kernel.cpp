@@ -15,6 +15,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -194,6 +195,26 @@ __attribute__((target("avx512f,avx512bw,popcnt"))) int64_t count_nonzero_avx512(
 }
 #endif
 
+// Items [0, count) handed out one at a time from a shared counter. at::parallel_for cuts
+// a static share per thread, and a thread the OS has descheduled (the 2-core box runs
+// other jobs) then holds its share until its next time slice: N = 500 took 48-64 ms
+// with 2 threads against 10 ms with 1. Here a running thread takes over the work.
+template <class F>
+void parallel_dynamic(int64_t count, int64_t min_parallel, const F& body) {
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), count);
+  if (threads <= 1 || count < min_parallel) {
+    for (int64_t i = 0; i < count; ++i) body(i);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < count;
+         i = next.fetch_add(1, std::memory_order_relaxed)) {
+      body(i);
+    }
+  });
+}
+
 Isa select_isa() {
   const char* env = std::getenv("SOLO_FAST_CPU_ISA");
   const std::string cap = env ? env : "";
@@ -240,74 +261,69 @@ at::Tensor matrix_nms_decay_popcount_cpu(const at::Tensor& masks, const at::Tens
   const int64_t words = (pixels + 64 * kVectorWords - 1) / (64 * kVectorWords) * kVectorWords;
   at::Tensor packed_t = at::empty({n, std::max<int64_t>(words, 1)}, masks.options().dtype(at::kLong));
   uint64_t* packed = reinterpret_cast<uint64_t*>(packed_t.data_ptr<int64_t>());
-  at::parallel_for(0, n, 1, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) isa.pack(src + i * pixels, pixels, packed + i * words, words);
-  });
+  parallel_dynamic(n, 2, [&](int64_t i) { isa.pack(src + i * pixels, pixels, packed + i * words, words); });
 
   // iou_t[j * n + i] = iou[i, j] for i < j of the same label, else 0: row j holds column j
   // of the reference's matrix, so both column reductions below read contiguous memory.
   std::vector<float> iou_t(static_cast<size_t>(n) * static_cast<size_t>(n), 0.0f);
   const int64_t blocks = (n + kRows - 1) / kRows;
-  // Block b has about n - kRows * b columns to its right. Interleaving first and last
-  // blocks gives each thread's contiguous chunk of [0, blocks) an even share of work.
-  at::parallel_for(0, blocks, 1, [&](int64_t t0, int64_t t1) {
+  // Block b has about n - kRows * b columns to its right: handing blocks out in order
+  // starts the longest first, so the last ones to finish are short.
+  parallel_dynamic(blocks, 2, [&](int64_t blk) {
+    const int64_t i0 = blk * kRows;
+    const int rows = static_cast<int>(std::min<int64_t>(kRows, n - i0));
     std::vector<int64_t> cols;
     std::vector<unsigned> act;
-    std::vector<int64_t> inter;
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t blk = (t % 2 == 0) ? t / 2 : blocks - 1 - t / 2;
-      const int64_t i0 = blk * kRows;
-      const int rows = static_cast<int>(std::min<int64_t>(kRows, n - i0));
-      cols.clear();
-      act.clear();
-      for (int64_t j = i0 + 1; j < n; ++j) {
-        unsigned active = 0;
-        for (int r = 0; r < rows; ++r) {
-          if (i0 + r < j && lab[i0 + r] == lab[j]) active |= 1u << r;
-        }
-        if (active != 0) {
-          cols.push_back(j);
-          act.push_back(active);
-        }
+    for (int64_t j = i0 + 1; j < n; ++j) {
+      unsigned active = 0;
+      for (int r = 0; r < rows; ++r) {
+        if (i0 + r < j && lab[i0 + r] == lab[j]) active |= 1u << r;
       }
-      if (cols.empty()) continue;
-      inter.assign(cols.size() * kRows, 0);
-      // Chunks of kChunkWords: the block's rows (4 x 1 KB) stay in L1 and the chunk of
-      // every column (N x 1 KB) in L2, instead of whole masks streaming from L3.
-      for (int64_t w0 = 0; w0 < words; w0 += kChunkWords) {
-        const int64_t len = std::min<int64_t>(kChunkWords, words - w0);
-        const uint64_t* a[kRows];
-        for (int r = 0; r < kRows; ++r) a[r] = packed + std::min<int64_t>(i0 + r, n - 1) * words + w0;
-        for (size_t c = 0; c < cols.size(); ++c) {
-          const uint64_t* col = packed + cols[c] * words + w0;
-          int64_t part[kRows] = {};
-          const unsigned active = act[c];
-          if ((active & (active - 1)) == 0) {
-            const int r = __builtin_ctz(active);
-            isa.popc_one(a + r, col, len, part + r);
-          } else {
-            isa.popc_rows(a, col, len, part);
-          }
-          for (int r = 0; r < kRows; ++r) inter[c * kRows + r] += part[r];
-        }
+      if (active != 0) {
+        cols.push_back(j);
+        act.push_back(active);
       }
+    }
+    if (cols.empty()) return;
+    std::vector<int64_t> inter(cols.size() * kRows, 0);
+    // Chunks of kChunkWords: the block's rows (4 x 1 KB) stay in L1 and the chunk of
+    // every column (N x 1 KB) in L2, instead of whole masks streaming from L3.
+    for (int64_t w0 = 0; w0 < words; w0 += kChunkWords) {
+      const int64_t len = std::min<int64_t>(kChunkWords, words - w0);
+      const uint64_t* a[kRows];
+      for (int r = 0; r < kRows; ++r) a[r] = packed + std::min<int64_t>(i0 + r, n - 1) * words + w0;
       for (size_t c = 0; c < cols.size(); ++c) {
-        const int64_t j = cols[c];
-        for (int r = 0; r < rows; ++r) {
-          if (act[c] & (1u << r)) {
-            // Exact up to 2**24 pixels, like the reference's float32 matmul.
-            iou_t[j * n + i0 + r] =
-                matrix_nms::iou(static_cast<float>(inter[c * kRows + r]), area[i0 + r], area[j]);
-          }
+        const uint64_t* col = packed + cols[c] * words + w0;
+        int64_t part[kRows] = {};
+        const unsigned active = act[c];
+        if ((active & (active - 1)) == 0) {
+          const int r = __builtin_ctz(active);
+          isa.popc_one(a + r, col, len, part + r);
+        } else {
+          isa.popc_rows(a, col, len, part);
+        }
+        for (int r = 0; r < kRows; ++r) inter[c * kRows + r] += part[r];
+      }
+    }
+    for (size_t c = 0; c < cols.size(); ++c) {
+      const int64_t j = cols[c];
+      for (int r = 0; r < rows; ++r) {
+        if (act[c] & (1u << r)) {
+          // Exact up to 2**24 pixels, like the reference's float32 matmul.
+          iou_t[j * n + i0 + r] =
+              matrix_nms::iou(static_cast<float>(inter[c * kRows + r]), area[i0 + r], area[j]);
         }
       }
     }
   });
 
   // comp[j] = max_i iou[i, j]; denominators f(comp[i]) once per row.
+  // Both passes are N^2 / 2 float compares, small next to the popcounts: in parallel
+  // only past 16 chunks of 64 rows, which saves two thread hand-offs at SOLO's N <= 500.
+  const int64_t row_chunks = (n + 63) / 64;
   std::vector<float> denom(n);
-  at::parallel_for(0, n, 64, [&](int64_t b, int64_t e) {
-    for (int64_t j = b; j < e; ++j) {
+  parallel_dynamic(row_chunks, 16, [&](int64_t c) {
+    for (int64_t j = c * 64; j < std::min<int64_t>(n, c * 64 + 64); ++j) {
       const float* row = iou_t.data() + j * n;
       float comp = 0.0f;
       for (int64_t i = 0; i < j; ++i) comp = std::max(comp, row[i]);
@@ -315,8 +331,8 @@ at::Tensor matrix_nms_decay_popcount_cpu(const at::Tensor& masks, const at::Tens
     }
   });
   float* dec = out.data_ptr<float>();
-  at::parallel_for(0, n, 16, [&](int64_t b, int64_t e) {
-    for (int64_t j = b; j < e; ++j) {
+  parallel_dynamic(row_chunks, 16, [&](int64_t c) {
+    for (int64_t j = c * 64; j < std::min<int64_t>(n, c * 64 + 64); ++j) {
       const float* row = iou_t.data() + j * n;
       float d = matrix_nms::decay_init();
       for (int64_t i = 0; i < j; ++i) {
@@ -343,9 +359,7 @@ at::Tensor matrix_nms_mask_area_cpu(const at::Tensor& masks) {
   if (std::string(select_isa().name) == "avx512") count = count_nonzero_avx512;
 #endif
   int64_t* dst = out.data_ptr<int64_t>();
-  at::parallel_for(0, n, 1, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) dst[i] = count(src + i * pixels, pixels);
-  });
+  parallel_dynamic(n, 2, [&](int64_t i) { dst[i] = count(src + i * pixels, pixels); });
   return out;
 }
 
