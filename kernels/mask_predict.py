@@ -84,7 +84,7 @@ def _mask_predict_kernel(
         else:
             acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
         a_base += BLOCK_E
-        b_base += stride_e.to(tl.int64) * BLOCK_E
+        b_base += BLOCK_E * stride_e  # int32: fine below 2**26 pixels per mask
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + k0 + lk, mask=k_ok, other=0.0).to(tl.float32)[:, None]
