@@ -193,4 +193,10 @@ def aot_specs() -> List[dict]:
                 "tensor_cores": False,
             }
         )
+    # Triton turns int arguments equal to 1 into constants: one output channel, 1x1 maps.
+    ones = dict(specs[0], signature=dict(specs[0]["signature"]), constexprs=dict(specs[0]["constexprs"]))
+    for name in ("O", "H", "W", "Ho", "Wo", "PAD"):
+        ones["signature"][name] = "constexpr"
+        ones["constexprs"][name] = 1
+    specs.append(ones)
     return specs

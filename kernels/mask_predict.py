@@ -247,4 +247,10 @@ def aot_specs() -> List[dict]:
                     "tensor_cores": True,
                 }
             )
+    # Triton turns int arguments equal to 1 into constants: one mask over a 1x1 map.
+    ones = dict(specs[-1], signature=dict(specs[-1]["signature"]), constexprs=dict(specs[-1]["constexprs"]))
+    for name in ("K", "N", "stride_e", "K_BUCKET", "N_BUCKET"):
+        ones["signature"][name] = "constexpr"
+        ones["constexprs"][name] = 1
+    specs.append(ones)
     return specs
