@@ -211,14 +211,11 @@ SOLO_HD uint8_t bilinear_pixel(const uint8_t* row0, const uint8_t* row1, const T
   return v >= 0.5f ? 1 : 0;
 }
 
-// When a mask is downsampled by an integer stride s (the sizes are multiples of s, which
-// the Python wrapper checks), every tap is exact: src = s*d + (s-1)/2, so the weights are
-// (0.5, 0.5) for even s and (1, 0) for odd s, all products and sums of 8-bit values are
-// exact in float32, and the pixel is decided by integers alone:
-//   even s: the 2×2 block at (s*d + s/2 - 1, s*e + s/2 - 1) sums to >= 2;
-//   odd s:  the pixel at (s*d + (s-1)/2, s*e + (s-1)/2) is non-zero.
-// The CPU kernel uses this form for speed; the tests hold it against F.interpolate.
-SOLO_HD int64_t stride_first_tap(int64_t s, int64_t d) { return s * d + (s % 2 == 0 ? s / 2 - 1 : (s - 1) / 2); }
+// With an integer stride s (the Python wrapper checks that s divides the padded size)
+// every tap is exact: src = s*d + (s-1)/2, so the weights are (0.5, 0.5) for even s and
+// (1, 0) for odd s, and all products and sums of 8-bit values above are exact in
+// float32. That is why PyTorch's CPU and CUDA bilinear kernels, which sum in different
+// orders, agree with each other and with this function bit for bit.
 
 }  // namespace center_region
 }  // namespace solo_fast
