@@ -265,8 +265,21 @@ def test_cpu_isa_paths_agree(monkeypatch, isa):
 
 
 @needs_cpu
-def test_cpu_larger_clustered():
-    """More rows than threads x row blocks, one class (all pairs) and many classes."""
+@pytest.mark.parametrize("parallel_work", ["0", None])
+def test_cpu_larger_clustered(monkeypatch, parallel_work):
+    """More rows than threads x row blocks, one class (all pairs) and many classes; with
+    SOLO_FAST_CPU_PARALLEL_WORK=0 every region runs on all intra-op threads."""
+    threads = torch.get_num_threads()
+    if parallel_work is not None:
+        monkeypatch.setenv("SOLO_FAST_CPU_PARALLEL_WORK", parallel_work)
+        torch.set_num_threads(max(2, threads))
+    try:
+        _larger_clustered()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _larger_clustered():
     for num_classes in (1, 20):
         masks, labels, scores = clustered(301, 40, 56, num_classes=num_classes, num_clusters=12, seed=num_classes)
         for kw in ({}, {"kernel": "linear", "filter_thr": 0.05, "max_num": 100}):

@@ -195,14 +195,15 @@ __attribute__((target("avx512f,avx512bw,popcnt"))) int64_t count_nonzero_avx512(
 }
 #endif
 
-// Items [0, count) handed out one at a time from a shared counter. at::parallel_for cuts
-// a static share per thread, and a thread the OS has descheduled (the 2-core box runs
-// other jobs) then holds its share until its next time slice: N = 500 took 48-64 ms
-// with 2 threads against 10 ms with 1. Here a running thread takes over the work.
+// Items [0, count) handed out one at a time from a shared counter, on several threads
+// only when `parallel`. at::parallel_for cuts a static share per thread, and a thread the
+// OS has descheduled (the 2-core box runs other jobs) then holds its share until its
+// next time slice: N = 500 took 48-64 ms with 2 threads against 10 ms with 1. Here a
+// running thread takes over the work.
 template <class F>
-void parallel_dynamic(int64_t count, int64_t min_parallel, const F& body) {
+void parallel_dynamic(int64_t count, bool parallel, const F& body) {
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), count);
-  if (threads <= 1 || count < min_parallel) {
+  if (!parallel || threads <= 1) {
     for (int64_t i = 0; i < count; ++i) body(i);
     return;
   }
@@ -213,6 +214,17 @@ void parallel_dynamic(int64_t count, int64_t min_parallel, const F& body) {
       body(i);
     }
   });
+}
+
+// Even the fork-join of a region costs a time slice (measured 16 ms for a 0.2 ms torch
+// gather with 2 threads on the loaded 2-core machine), so a region goes parallel only
+// when its one-thread time is well above that: ~2**28 word operations (popcounts of
+// 64-bit words, bytes packed or counted) take ~30 ms on one core at AVX-512 speed.
+// SOLO_FAST_CPU_PARALLEL_WORK overrides the threshold (tests set 0 to run every region
+// on all threads).
+int64_t parallel_work() {
+  const char* env = std::getenv("SOLO_FAST_CPU_PARALLEL_WORK");
+  return env ? std::strtoll(env, nullptr, 10) : (int64_t{1} << 28);
 }
 
 Isa select_isa() {
@@ -261,15 +273,25 @@ at::Tensor matrix_nms_decay_popcount_cpu(const at::Tensor& masks, const at::Tens
   const int64_t words = (pixels + 64 * kVectorWords - 1) / (64 * kVectorWords) * kVectorWords;
   at::Tensor packed_t = at::empty({n, std::max<int64_t>(words, 1)}, masks.options().dtype(at::kLong));
   uint64_t* packed = reinterpret_cast<uint64_t*>(packed_t.data_ptr<int64_t>());
-  parallel_dynamic(n, 2, [&](int64_t i) { isa.pack(src + i * pixels, pixels, packed + i * words, words); });
+  const int64_t par_work = parallel_work();
+  parallel_dynamic(n, n * pixels >= par_work,
+                   [&](int64_t i) { isa.pack(src + i * pixels, pixels, packed + i * words, words); });
 
   // iou_t[j * n + i] = iou[i, j] for i < j of the same label, else 0: row j holds column j
   // of the reference's matrix, so both column reductions below read contiguous memory.
   std::vector<float> iou_t(static_cast<size_t>(n) * static_cast<size_t>(n), 0.0f);
   const int64_t blocks = (n + kRows - 1) / kRows;
+  // Same-label pairs: only they are counted.
+  std::vector<int64_t> sorted_labels(lab, lab + n);
+  std::sort(sorted_labels.begin(), sorted_labels.end());
+  int64_t pairs = 0;
+  for (int64_t i = 0, run = 0; i < n; ++i) {
+    run = (i > 0 && sorted_labels[i] == sorted_labels[i - 1]) ? run + 1 : 0;
+    pairs += run;
+  }
   // Block b has about n - kRows * b columns to its right: handing blocks out in order
   // starts the longest first, so the last ones to finish are short.
-  parallel_dynamic(blocks, 2, [&](int64_t blk) {
+  parallel_dynamic(blocks, pairs * words >= par_work, [&](int64_t blk) {
     const int64_t i0 = blk * kRows;
     const int rows = static_cast<int>(std::min<int64_t>(kRows, n - i0));
     std::vector<int64_t> cols;
@@ -318,11 +340,10 @@ at::Tensor matrix_nms_decay_popcount_cpu(const at::Tensor& masks, const at::Tens
   });
 
   // comp[j] = max_i iou[i, j]; denominators f(comp[i]) once per row.
-  // Both passes are N^2 / 2 float compares, small next to the popcounts: in parallel
-  // only past 16 chunks of 64 rows, which saves two thread hand-offs at SOLO's N <= 500.
+  // Both passes are N^2 / 2 float compares, small next to the popcounts.
   const int64_t row_chunks = (n + 63) / 64;
   std::vector<float> denom(n);
-  parallel_dynamic(row_chunks, 16, [&](int64_t c) {
+  parallel_dynamic(row_chunks, n * n / 2 >= par_work, [&](int64_t c) {
     for (int64_t j = c * 64; j < std::min<int64_t>(n, c * 64 + 64); ++j) {
       const float* row = iou_t.data() + j * n;
       float comp = 0.0f;
@@ -331,7 +352,7 @@ at::Tensor matrix_nms_decay_popcount_cpu(const at::Tensor& masks, const at::Tens
     }
   });
   float* dec = out.data_ptr<float>();
-  parallel_dynamic(row_chunks, 16, [&](int64_t c) {
+  parallel_dynamic(row_chunks, n * n / 2 >= par_work, [&](int64_t c) {
     for (int64_t j = c * 64; j < std::min<int64_t>(n, c * 64 + 64); ++j) {
       const float* row = iou_t.data() + j * n;
       float d = matrix_nms::decay_init();
@@ -359,7 +380,7 @@ at::Tensor matrix_nms_mask_area_cpu(const at::Tensor& masks) {
   if (std::string(select_isa().name) == "avx512") count = count_nonzero_avx512;
 #endif
   int64_t* dst = out.data_ptr<int64_t>();
-  parallel_dynamic(n, 2, [&](int64_t i) { dst[i] = count(src + i * pixels, pixels); });
+  parallel_dynamic(n, n * pixels >= parallel_work(), [&](int64_t i) { dst[i] = count(src + i * pixels, pixels); });
   return out;
 }
 
