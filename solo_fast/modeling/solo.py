@@ -72,9 +72,12 @@ class SOLO(nn.Module):
             if targets is None:
                 raise ValueError("targets: required in training mode (a list of {'masks', 'labels'} dicts)")
             return self._losses(images, self._check_targets(targets, images))
-        batch, metas = self.transform([img.to(self.device) for img in images])
-        out = self.extract(batch)
-        results = postprocess(self.mask_head, out, metas, self._test_cfg())
+        # Post-processing thresholds and sorts: nothing in it is differentiable, and without
+        # autograd recording the ops can take their fast paths.
+        with torch.no_grad():
+            batch, metas = self.transform([img.to(self.device) for img in images])
+            out = self.extract(batch)
+            results = postprocess(self.mask_head, out, metas, self._test_cfg())
         for r in results:
             r["boxes"] = masks_to_boxes(r["masks"])
         return results
