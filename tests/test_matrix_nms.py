@@ -148,6 +148,10 @@ def test_empty_masks_and_empty_input(backend, device):
     s, lab, m, k = run(backend, device, masks, labels, scores)
     torch.testing.assert_close(s.cpu(), torch.tensor([0.9, 0.6, 0.5, 0.3, 0.2]))
     assert k.tolist() == [1, 4, 3, 0, 2]
+    # Zero-pixel masks: nothing intersects.
+    s, _, m, k = run(backend, device, torch.zeros(3, 0, 5, dtype=torch.bool), labels[:3], scores[:3])
+    torch.testing.assert_close(s.cpu(), torch.tensor([0.9, 0.3, 0.2]))
+    assert k.tolist() == [1, 0, 2] and m.shape == (3, 0, 5)
     # N = 0 returns empty tensors of the right dtypes and shapes.
     s, lab, m, k = run(backend, device, torch.zeros(0, 6, 7, dtype=torch.uint8), torch.zeros(0, dtype=torch.int32),
                        torch.zeros(0, dtype=torch.float16))

@@ -1,7 +1,7 @@
 // Matrix NMS decay factors on the CPU (DESIGN.md §2): masks bit-packed once into uint64
 // words, intersections as popcount(a & b) over the upper triangle of same-label pairs
-// only (pairs of different labels have IoU 0 and cannot lower a decay), rows in parallel,
-// and the decay math of csrc/common/matrix_nms.h.
+// only (pairs of different labels have IoU 0 and cannot lower a decay), blocks of rows
+// in parallel on large inputs, and the decay math of csrc/common/matrix_nms.h.
 //
 // The package is built without -march=native, so the wide paths are compiled with
 // per-function target attributes and chosen once per call from CPUID:
@@ -35,7 +35,7 @@ namespace {
 // has no tail; at::empty's 64-byte alignment then holds for every row.
 constexpr int64_t kVectorWords = 8;
 // Rows sharing one pass over a column mask: each loaded word of mask j serves 4 rows,
-// which cuts the traffic of streaming the (L3-resident) column masks by 4.
+// which cuts the traffic of streaming the column masks by 4.
 constexpr int kRows = 4;
 // Words of one pass over a column (a multiple of kVectorWords): 128 words = 1 KB.
 constexpr int64_t kChunkWords = 128;
