@@ -43,8 +43,9 @@ def decay_cpu(masks: torch.Tensor, labels: torch.Tensor, areas: torch.Tensor, ke
 def matrix_nms_cpu(masks, labels, scores, *, mask_area=None, **kwargs):
     """:func:`reference.matrix_nms` on the C++ decay.
 
-    The default ``mask_area`` is counted by the C++ op too: torch's ``sum`` over a bool
-    [500, 200 * 336] tensor alone takes longer than the whole C++ decay (2-core CPU).
+    The default ``mask_area`` is counted by the C++ op too (nonzero pixels, which is the
+    reference's sum for 0/1 masks): torch's ``sum`` over a bool [500, 200 * 336] tensor
+    alone took 120-220 ms on this 2-core CPU, ten times the whole C++ decay.
     """
     if mask_area is None and masks.shape[0] > 0:
         mask_area = torch.ops.solo_fast.matrix_nms_mask_area(masks)
