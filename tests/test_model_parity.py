@@ -75,3 +75,19 @@ def test_solo_positive_cell_logits_equal_dense_conv():
     gd = torch.autograd.grad(dense, [feat, head.conv_mask_list[0].weight], g)
     for a, b in zip(gs, gd):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["solo_r18_fpn", "decoupled_solo_light_r18_fpn", "solov2_light_r18_fpn"])
+def test_chunked_candidates_equal_one_pass(name, monkeypatch):
+    """Many candidates are handled in bounded chunks (two passes) with the same result."""
+    from solo_fast.modeling import postprocess
+
+    model = _model(name)
+    img = torch.rand(3, 96, 128)
+    kw = dict(score_thr=0.05, filter_thr=0.02, nms_pre=40, max_per_img=20)
+    one = model.predict(img, **kw)[0]
+    monkeypatch.setattr(postprocess, "MASK_CHUNK", 7)
+    chunked = model.predict(img, **kw)[0]
+    assert len(one) > 0
+    assert torch.equal(one.labels, chunked.labels) and torch.equal(one.masks, chunked.masks)
+    torch.testing.assert_close(one.scores, chunked.scores, rtol=0, atol=0)

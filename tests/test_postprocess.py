@@ -109,3 +109,32 @@ def test_max_per_img(max_per_img):
     masks = {(0, c): box_mask(c, c + 4, 0, 16) for c in range(3)}
     out = run({(0, 0, 0): 0.9, (0, 1, 1): 0.8, (0, 2, 2): 0.7}, masks, max_per_img=max_per_img)
     assert out["labels"].tolist() == [0, 1, 2][:max_per_img]
+
+
+def test_two_pass_chunks_give_the_same_answer():
+    # Many overlapping candidates over two levels, ties in score included.
+    g = torch.Generator().manual_seed(0)
+    masks, scores = {}, {}
+    for level, S in ((0, 4), (1, 3)):
+        for cell in range(S * S):
+            y0, x0 = torch.randint(0, 8, (2,), generator=g).tolist()
+            masks[(level, cell)] = box_mask(y0, y0 + 6, x0, x0 + 7, value=0.6 + 0.1 * (cell % 3))
+            for label in range(3):
+                scores[(level, cell, label)] = round(float(torch.rand(1, generator=g)), 1)
+    full = run(scores, masks, nms_pre=10, max_per_img=8)
+    for chunk in (1, 5, 7):
+        chunked = run(scores, masks, nms_pre=10, max_per_img=8, mask_chunk=chunk)
+        assert torch.equal(chunked["labels"], full["labels"])
+        torch.testing.assert_close(chunked["scores"], full["scores"], rtol=0, atol=0)
+        assert torch.equal(chunked["masks"], full["masks"])
+    assert len(full["scores"]) == 8
+
+
+def test_per_level_keeps_input_order():
+    from solo_fast.modeling.heads import per_level
+
+    levels = torch.tensor([2, 0, 1, 0, 2])
+    cells = torch.tensor([5, 1, 7, 3, 0])
+    out = per_level(levels, cells, 3, lambda lvl, sel: torch.stack([sel * 10 + lvl, sel]).t().float(),
+                    torch.zeros(0, 2))
+    assert out.tolist() == [[52, 5], [10, 1], [71, 7], [30, 3], [2, 0]]

@@ -51,6 +51,18 @@ def mask_stats(soft: torch.Tensor, mask_thr: float):
     return soft, binary, area, maskness
 
 
+def per_level(levels: torch.Tensor, cells: torch.Tensor, num_levels: int, fn, empty: torch.Tensor) -> torch.Tensor:
+    """``fn(level, cells_of_that_level)`` for each level, reassembled in the input order."""
+    order = torch.argsort(levels, stable=True)
+    parts = [fn(lvl, cells[order][levels[order] == lvl]) for lvl in range(num_levels)]
+    parts = [p for p in parts if p.shape[0]]
+    if not parts:
+        return empty
+    out = torch.empty_like(torch.cat(parts))
+    out[order] = torch.cat(parts)
+    return out
+
+
 def _tower(in_channels: int, feat_channels: int, n: int, coords: str | None) -> nn.ModuleList:
     return nn.ModuleList(
         ConvModule(in_channels if i == 0 else feat_channels, feat_channels, 3, coords=coords if i == 0 else None)
@@ -119,24 +131,21 @@ class SOLOHead(_GridHead):
 
     def candidate_masks(self, out, b: int, levels: torch.Tensor, cells: torch.Tensor, mask_size, mask_thr: float):
         dense = _backend.current_backend() == "reference"
-        parts = []
-        for level in range(len(self.num_grids)):
-            sel = cells[levels == level]
-            if sel.numel() == 0:
-                continue
+
+        def level_soft(level, sel):
             feat = out["mask_feat"][level][b]
+            if sel.numel() == 0:
+                return feat.new_zeros((0, *mask_size))
+            conv = self.conv_mask_list[level]
             if dense:  # as published: all S² masks, sigmoid, upsampled, then gathered
                 soft = self.conv_mask_list[level](feat[None]).sigmoid()
-                soft = _resize(soft, mask_size)[0][sel]
-            else:
-                conv = self.conv_mask_list[level]
-                soft = ops.mask_predict(feat, conv.weight[sel, :, 0, 0], conv.bias[sel],
-                                        mask_thr=mask_thr, out_dtype=torch.float32)[0]
-                soft = _resize(soft[None], mask_size)[0]
-            parts.append(soft)
-        # Candidates arrive sorted by level (cells are indexed level by level).
-        soft = torch.cat(parts) if parts else out["mask_feat"][0].new_zeros((0, *mask_size))
-        return mask_stats(soft, mask_thr)
+                return _resize(soft, mask_size)[0][sel]
+            soft = ops.mask_predict(feat, conv.weight[sel, :, 0, 0], conv.bias[sel],
+                                    mask_thr=mask_thr, out_dtype=torch.float32)[0]
+            return _resize(soft[None], mask_size)[0]
+
+        empty = out["mask_feat"][0].new_zeros((0, *mask_size))
+        return mask_stats(per_level(levels, cells, len(self.num_grids), level_soft, empty), mask_thr)
 
 
 class DecoupledSOLOHead(_GridHead):
@@ -176,18 +185,17 @@ class DecoupledSOLOHead(_GridHead):
         return py * px
 
     def candidate_masks(self, out, b, levels, cells, mask_size, mask_thr):
-        parts = []
-        for level in range(len(self.num_grids)):
-            sel = cells[levels == level]
+        def level_soft(level, sel):
             if sel.numel() == 0:
-                continue
+                return out["mask_x"][level].new_zeros((0, *mask_size))
             S = self.num_grids[level]
             # As published: each factor is upsampled to stride 4, then multiplied.
             sy = _resize(out["mask_y"][level][b : b + 1].sigmoid(), mask_size)[0]
             sx = _resize(out["mask_x"][level][b : b + 1].sigmoid(), mask_size)[0]
-            parts.append(sy[sel // S] * sx[sel % S])
-        soft = torch.cat(parts) if parts else out["mask_x"][0].new_zeros((0, *mask_size))
-        return mask_stats(soft, mask_thr)
+            return sy[sel // S] * sx[sel % S]
+
+        empty = out["mask_x"][0].new_zeros((0, *mask_size))
+        return mask_stats(per_level(levels, cells, len(self.num_grids), level_soft, empty), mask_thr)
 
 
 class _MaskFeatLevel(nn.Module):
@@ -258,9 +266,10 @@ class SOLOV2Head(_GridHead):
         return (self._kernels(out, b, level, cells) @ feats.reshape(e, h * w)).reshape(-1, h, w).sigmoid()
 
     def candidate_masks(self, out, b, levels, cells, mask_size, mask_thr):
-        kernels = [self._kernels(out, b, lvl, cells[levels == lvl]) for lvl in range(len(self.num_grids))]
-        soft, binary, area, maskness = ops.mask_predict(out["mask_feats"][b], torch.cat(kernels), mask_thr=mask_thr)
-        return soft, binary, area, maskness
+        feats = out["mask_feats"][b]
+        kernels = per_level(levels, cells, len(self.num_grids), lambda lvl, sel: self._kernels(out, b, lvl, sel),
+                            feats.new_zeros((0, feats.shape[0])))
+        return ops.mask_predict(feats, kernels, mask_thr=mask_thr)
 
 
 def build_head(cfg: dict) -> nn.Module:

@@ -9,6 +9,9 @@ import torch.nn.functional as F
 from .. import ops
 from .transform import ImageMeta
 
+# Candidates whose masks are computed at once; past this, post-processing takes two passes.
+MASK_CHUNK = 512
+
 
 def point_nms(probs: torch.Tensor) -> torch.Tensor:
     """Keep a class score only where it is the max of its 2×2 neighbourhood (stride 1, pad 1)."""
@@ -53,17 +56,39 @@ def postprocess_image(head, out, b: int, scores: torch.Tensor, meta: ImageMeta, 
 
     H, W = meta.pad_shape
     mask_size = (H // 4, W // 4)
-    soft, binary, area, maskness = head.candidate_masks(out, b, levels, cells, mask_size, cfg["mask_thr"])
+    thr = cfg["mask_thr"]
+    nms_pre = cfg["nms_pre"]
+    chunk = cfg.get("mask_chunk", MASK_CHUNK)
+    if cells.numel() <= chunk:
+        soft, binary, area, maskness = head.candidate_masks(out, b, levels, cells, mask_size, thr)
+    else:
+        # Thousands of candidates (many classes): a first pass keeps only each mask's area
+        # and maskness, chunk by chunk, so memory stays bounded; the masks of the few that
+        # survive the filter and nms_pre are computed again below.
+        stats = [head.candidate_masks(out, b, levels[i : i + chunk], cells[i : i + chunk], mask_size, thr)[2:]
+                 for i in range(0, cells.numel(), chunk)]
+        area = torch.cat([s[0] for s in stats])
+        maskness = torch.cat([s[1] for s in stats])
+        soft = binary = None
     keep = area.float() > strides
     if not bool(keep.any()):
         return empty_result(meta.ori_shape, device)
-    soft, binary, area, maskness = soft[keep], binary[keep], area[keep], maskness[keep]
+    area, maskness = area[keep], maskness[keep]
     cand_scores = cand_scores[keep] * maskness.to(cand_scores.dtype)
     labels = labels[keep]
+    if soft is None:
+        # The candidates Matrix NMS would keep after its own stable sort and nms_pre cut.
+        top = torch.sort(cand_scores, descending=True, stable=True).indices[:nms_pre]
+        top = top.sort().values  # back to candidate order, so Matrix NMS breaks ties as before
+        levels, cells = levels[keep][top], cells[keep][top]
+        cand_scores, labels, area = cand_scores[top], labels[top], area[top]
+        soft, binary, _, _ = head.candidate_masks(out, b, levels, cells, mask_size, thr)
+    else:
+        soft, binary = soft[keep], binary[keep]
 
     nms_scores, nms_labels, _, keep_inds = ops.matrix_nms(
         binary, labels, cand_scores, mask_area=area, kernel=cfg["nms_kernel"], sigma=cfg["nms_sigma"],
-        filter_thr=cfg["filter_thr"], nms_pre=cfg["nms_pre"], max_num=cfg["max_per_img"],
+        filter_thr=cfg["filter_thr"], nms_pre=nms_pre, max_num=cfg["max_per_img"],
     )
     if nms_scores.numel() == 0:
         return empty_result(meta.ori_shape, device)
