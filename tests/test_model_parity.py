@@ -90,4 +90,5 @@ def test_chunked_candidates_equal_one_pass(name, monkeypatch):
     chunked = model.predict(img, **kw)[0]
     assert len(one) > 0
     assert torch.equal(one.labels, chunked.labels) and torch.equal(one.masks, chunked.masks)
-    torch.testing.assert_close(one.scores, chunked.scores, rtol=0, atol=0)
+    # A GEMM over fewer rows may round differently in the last bit (MKL), hence not rtol=0.
+    torch.testing.assert_close(one.scores, chunked.scores, rtol=1e-6, atol=1e-7)
