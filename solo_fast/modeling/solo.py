@@ -5,7 +5,6 @@ import json
 import os
 from typing import Any, Dict, List, Optional, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 

@@ -18,13 +18,12 @@ factors, the "triton" path computes it per output pixel inside the kernel.
 from __future__ import annotations
 
 import functools
-import importlib.util
-import os
 from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
+from ._triton_support import triton_available
 from .. import _backend
 
 
@@ -150,24 +149,6 @@ _backend.register("coord_conv2d", "cpu", lambda device_type: device_type == "cpu
 # --------------------------------------------------------------------------------------
 # "triton": real-channel conv + one Triton pass adding the coordinate term and the bias
 # --------------------------------------------------------------------------------------
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-@functools.lru_cache(maxsize=None)
-def _triton_importable() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
-def triton_available(device_type: str) -> bool:
-    """On CUDA tensors with triton installed; under ``TRITON_INTERPRET=1`` on CPU tensors too (DESIGN.md §5)."""
-    if not _triton_importable():
-        return False
-    if device_type == "cuda":
-        return torch.cuda.is_available() or _interpreting()
-    return device_type == "cpu" and _interpreting()
-
-
 @functools.lru_cache(maxsize=None)
 def _triton_op():
     """Defines ``solo_fast::coord_conv2d_coords`` on first use, so importing solo_fast never imports triton."""

@@ -27,7 +27,7 @@ import torch
 
 from .. import _backend
 from . import reference
-from ._coord_conv import _interpreting, triton_available
+from ._triton_support import interpreting, triton_available
 
 # Bound on the CPU path's one temporary (the maskness product), in fp32 elements: 64 MB.
 # Fewer, larger chunks rather than many small ones: each chunk is two parallel regions,
@@ -145,7 +145,7 @@ def _pick_operand(features: torch.Tensor, kernels: torch.Tensor) -> str:
         return "fp16"
     # fp32/fp64 inputs: the interpreter has no tensor cores to gain and gives the
     # reference's fp32 logits; a GPU rounds the operands to fp16 for the tensor cores.
-    return "ieee" if _interpreting() else "fp16"
+    return "ieee" if interpreting() else "fp16"
 
 
 def mask_predict_triton(

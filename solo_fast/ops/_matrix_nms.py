@@ -13,11 +13,10 @@ sorted by score); sorting, ``nms_pre``, ``filter_thr`` and ``max_num`` stay in
 from __future__ import annotations
 
 import functools
-import importlib.util
-import os
 
 import torch
 
+from ._triton_support import triton_available
 from .. import _backend, _ext
 from . import reference
 
@@ -69,24 +68,6 @@ _backend.register("matrix_nms", "cpu", cpu_available)(matrix_nms_cpu)
 # --------------------------------------------------------------------------------------
 # "triton": the triton_op
 # --------------------------------------------------------------------------------------
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-@functools.lru_cache(maxsize=None)
-def _triton_importable() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
-def triton_available(device_type: str) -> bool:
-    """CUDA tensors with triton installed; CPU tensors too under ``TRITON_INTERPRET=1``."""
-    if not _triton_importable():
-        return False
-    if device_type == "cuda":
-        return torch.cuda.is_available() or _interpreting()
-    return device_type == "cpu" and _interpreting()
-
-
 @functools.lru_cache(maxsize=None)
 def _triton_op():
     """Defines ``solo_fast::matrix_nms_decay`` on first use, so importing solo_fast never imports triton."""
