@@ -1,4 +1,4 @@
-"""Command line: ``solo-fast demo | predict`` (also ``python -m solo_fast ...``)."""
+"""Command line: ``solo-fast train | eval | predict | demo`` (also ``python -m solo_fast ...``)."""
 from __future__ import annotations
 
 import argparse
@@ -83,9 +83,167 @@ def cmd_predict(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- train / eval
+def _need_file(path: str, flag: str, what: str) -> None:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{flag}: no {what} at {path!r}")
+
+
+def _need_dir(path: str, flag: str) -> None:
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{flag}: no image folder at {path!r}")
+
+
+def _worker_error(exc: Exception) -> Exception:
+    """A DataLoader worker re-raises the dataset's error with the worker's traceback in its
+    message; keep only the last line (``ValueError: what went wrong``)."""
+    msg = str(exc)
+    if "Original Traceback" in msg:
+        last = msg.strip().splitlines()[-1]
+        return type(exc)(last.split(": ", 1)[1] if ": " in last else last)
+    return exc
+
+
+def _load_checkpoint(path: str):
+    import solo_fast
+
+    _need_file(path, "--checkpoint", "checkpoint")
+    try:
+        return solo_fast.SOLO.from_pretrained(path)
+    except (ValueError, FileNotFoundError):
+        raise
+    except Exception as exc:  # safetensors' own error types: a torn or foreign file
+        raise ValueError(f"--checkpoint: {path!r} is not a readable solo_fast checkpoint ({exc})") from None
+
+
+def cmd_train(args) -> int:
+    import solo_fast
+    from solo_fast.engine import train
+    from solo_fast.engine.train import STATE_FILE
+    from solo_fast.modeling.configs import get_config
+
+    _need_file(args.train_ann, "--train-ann", "annotation file")
+    _need_dir(args.train_images, "--train-images")
+    if (args.val_ann is None) != (args.val_images is None):
+        raise ValueError("--val-ann, --val-images: give both (or neither)")
+    if args.val_ann is not None:
+        _need_file(args.val_ann, "--val-ann", "annotation file")
+        _need_dir(args.val_images, "--val-images")
+    overrides = {}
+    if args.min_size is not None:
+        overrides["min_size"] = args.min_size[0] if len(args.min_size) == 1 else tuple(args.min_size)
+    if args.max_size is not None:
+        overrides["max_size"] = args.max_size
+    if args.num_grids is not None:
+        overrides["num_grids"] = tuple(args.num_grids)
+    get_config(args.config, **overrides)  # an unknown name fails here, before any data is read
+    if args.resume and not os.path.isfile(os.path.join(args.out, STATE_FILE)):
+        raise FileNotFoundError(f"--resume: no {STATE_FILE} in {args.out!r} to resume from")
+    from solo_fast.data import CocoDataset
+
+    dataset = CocoDataset(args.train_ann, args.train_images, train=True, flip_prob=args.flip_prob)
+    val = CocoDataset(args.val_ann, args.val_images, train=False) if args.val_ann is not None else None
+    if val is not None and list(val.cat_ids) != list(dataset.cat_ids):
+        raise ValueError(f"--val-ann: its categories {list(val.cat_ids)} differ from the training set's "
+                         f"{list(dataset.cat_ids)}")
+    model = solo_fast.SOLO(args.config, num_classes=len(dataset.cat_ids), **overrides)
+    model.class_names = list(dataset.class_names)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    # The published schedules use lr 0.01 for 16 images per step; scale linearly.
+    lr = args.lr if args.lr is not None else 0.01 * args.batch_size * world / 16
+    try:
+        train(model, dataset, out_dir=args.out, epochs=args.epochs, batch_size=args.batch_size, lr=lr,
+              warmup_iters=args.warmup_iters, milestones=args.milestones or (), gamma=args.gamma,
+              momentum=args.momentum, weight_decay=args.weight_decay,
+              grad_clip=args.grad_clip if args.grad_clip > 0 else None, num_workers=args.num_workers,
+              log_every=args.log_every, resume=True if args.resume else None, val_dataset=val,
+              eval_every=args.eval_every, seed=args.seed, amp=not args.no_amp)
+    except (ValueError, FileNotFoundError) as exc:
+        raise _worker_error(exc) from None
+    except FloatingPointError as exc:  # a diverged loss: the message says what to change
+        raise ValueError(str(exc)) from None
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"checkpoint: {os.path.join(args.out, 'model.safetensors')}; log: {os.path.join(args.out, 'train.log')}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from solo_fast.engine import distributed as dist_utils
+    from solo_fast.engine import evaluate
+    from solo_fast.engine.evaluate import format_stats
+
+    model = _load_checkpoint(args.checkpoint)
+    _need_file(args.ann, "--ann", "annotation file")
+    _need_dir(args.images, "--images")
+    from solo_fast.data import CocoDataset
+
+    dataset = CocoDataset(args.ann, args.images, train=False)
+    if model.num_classes != len(dataset.cat_ids):
+        raise ValueError(f"--checkpoint: {args.checkpoint!r} is a {model.config_name} model for "
+                         f"{model.num_classes} classes, but {args.ann!r} has {len(dataset.cat_ids)} categories")
+    names = list(getattr(dataset, "class_names", []) or [])
+    if model.class_names and names and list(model.class_names) != names:
+        print(f"warning: the checkpoint's classes {model.class_names} differ from the dataset's {names}; "
+              "labels are matched by position", file=sys.stderr)
+    dev, created = dist_utils.setup()
+    main_rank = dist_utils.is_main()
+    ok = False
+    try:
+        model.to(dev)
+        kw = {"score_thr": args.score_thr} if args.score_thr is not None else {}
+        stats = evaluate(model, dataset, batch_size=args.batch_size, out_json=args.out_json,
+                         num_workers=args.num_workers, verbose=main_rank, **kw)
+        ok = True
+    except (ValueError, FileNotFoundError) as exc:
+        raise _worker_error(exc) from None
+    finally:
+        dist_utils.cleanup(created, ok)
+    if main_rank:
+        print(f"mask (segm) {format_stats(stats)}")
+        if args.out_json:
+            print(f"wrote {args.out_json}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="solo-fast", description="SOLO-family instance segmentation")
     sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train on a COCO-format dataset (also under torchrun --nproc-per-node N)")
+    t.add_argument("--config", default="solov2_light_r18_fpn", help="a named config, e.g. solov2_r50_fpn")
+    t.add_argument("--train-ann", required=True, help="COCO instances json of the training set")
+    t.add_argument("--train-images", required=True, help="folder of the training images")
+    t.add_argument("--val-ann", help="COCO json of a validation set (evaluated with COCOeval)")
+    t.add_argument("--val-images", help="folder of the validation images")
+    t.add_argument("--out", required=True, help="output folder: model.safetensors, last_state.pt, train.log")
+    t.add_argument("--epochs", type=int, default=12)
+    t.add_argument("--batch-size", type=int, default=2, help="images per step and process")
+    t.add_argument("--lr", type=float, default=None, help="default: 0.01 x total batch / 16")
+    t.add_argument("--warmup-iters", type=int, default=500)
+    t.add_argument("--milestones", type=int, nargs="*", default=[8, 11], help="epochs where the lr drops")
+    t.add_argument("--gamma", type=float, default=0.1)
+    t.add_argument("--momentum", type=float, default=0.9)
+    t.add_argument("--weight-decay", type=float, default=1e-4)
+    t.add_argument("--grad-clip", type=float, default=35.0, help="max gradient norm (0: off)")
+    t.add_argument("--min-size", type=int, nargs="+", help="short side(s); several: multi-scale training")
+    t.add_argument("--max-size", type=int, help="long side limit")
+    t.add_argument("--num-grids", type=int, nargs=5, help="grid size S of each of the 5 levels")
+    t.add_argument("--flip-prob", type=float, default=0.5)
+    t.add_argument("--num-workers", type=int, default=2)
+    t.add_argument("--log-every", type=int, default=20)
+    t.add_argument("--eval-every", type=int, default=0, help="epochs between evaluations (0: after the last)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--no-amp", action="store_true", help="no autocast on CUDA")
+    t.add_argument("--resume", action="store_true", help="continue from OUT/last_state.pt")
+    t.set_defaults(func=cmd_train)
+    e = sub.add_parser("eval", help="COCO mask AP of a checkpoint on a COCO-format dataset")
+    e.add_argument("--checkpoint", required=True, help="a .safetensors file written by training")
+    e.add_argument("--ann", required=True, help="COCO instances json")
+    e.add_argument("--images", required=True, help="folder of the images")
+    e.add_argument("--out-json", help="write the predictions (COCO results, RLE) here")
+    e.add_argument("--batch-size", type=int, default=2)
+    e.add_argument("--num-workers", type=int, default=2)
+    e.add_argument("--score-thr", type=float, default=None, help="default: the model's (0.1)")
+    e.set_defaults(func=cmd_eval)
     d = sub.add_parser("demo", help="run the built-in demo")
     d.add_argument("--config", default="solov2_light_r18_fpn")
     d.add_argument("--out", default="out/demo")

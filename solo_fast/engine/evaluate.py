@@ -1,0 +1,115 @@
+"""COCO mask evaluation: predictions (RLE) from every rank, then ``COCOeval(..., "segm")`` on rank 0."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from . import distributed as D
+
+STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+
+
+def collate(batch):
+    """(list of images, list of targets): images keep their own sizes."""
+    return [b[0] for b in batch], [b[1] for b in batch]
+
+
+def unwrap(model):
+    """The SOLO model inside a DistributedDataParallel (or similar) wrapper."""
+    return getattr(model, "module", model)
+
+
+def _check_dataset(dataset) -> None:
+    for attr in ("coco", "cat_ids"):
+        if not hasattr(dataset, attr):
+            raise ValueError(f"dataset: expected a COCO dataset with a {attr!r} attribute "
+                             f"(solo_fast.data.CocoDataset), got {type(dataset).__name__}")
+
+
+def coco_eval(coco_gt, predictions: List[dict], image_ids: Optional[Sequence[int]] = None,
+              verbose: bool = True) -> Dict[str, float]:
+    """The 12 ``COCOeval`` segm stats of ``predictions`` (COCO result dicts with RLE
+    ``segmentation``) against ``coco_gt``; no predictions at all gives AP 0, not an error."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
+    with quiet:
+        if predictions:
+            coco_dt = coco_gt.loadRes(list(predictions))
+        else:  # loadRes indexes the first result; an empty result set is a valid (all-miss) answer
+            coco_dt = COCO()
+            coco_dt.dataset = {"images": list(coco_gt.dataset.get("images", [])),
+                               "categories": list(coco_gt.dataset.get("categories", [])), "annotations": []}
+            coco_dt.createIndex()
+        ev = COCOeval(coco_gt, coco_dt, "segm")
+        if image_ids is not None:
+            ev.params.imgIds = sorted(int(i) for i in image_ids)
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return {name: float(v) for name, v in zip(STAT_NAMES, ev.stats)}
+
+
+def evaluate(model, dataset, *, batch_size: int = 2, out_json: Optional[str] = None, num_workers: int = 0,
+             verbose: bool = True, progress: bool = True, **predict_kwargs) -> Dict[str, float]:
+    """COCO segm stats (``AP``, ``AP50``, ``AP75``, ``APs``, ``APm``, ``APl``, ``AR1``, ``AR10``,
+    ``AR100``, ``ARs``, ``ARm``, ``ARl``) of ``model`` on ``dataset`` (a
+    :class:`solo_fast.data.CocoDataset`).
+
+    Predictions come from ``model.predict`` (``predict_kwargs``: score_thr, mask_thr, ...),
+    batched. Under ``torch.distributed`` each rank predicts every world_size-th image; the
+    predictions are gathered before rank 0 runs COCOeval, prints the AP table and writes
+    ``out_json`` (the COCO results, RLE) if given. Every rank returns the same stats.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
+    _check_dataset(dataset)
+    if len(dataset) == 0:
+        raise ValueError("dataset: has no images to evaluate")
+    net = unwrap(model)
+    cat_ids = list(dataset.cat_ids)
+    if hasattr(net, "num_classes") and net.num_classes != len(cat_ids):
+        raise ValueError(f"model: predicts {net.num_classes} classes, but the dataset has {len(cat_ids)} categories")
+    rank, world = D.rank(), D.world_size()
+    indices = list(range(rank, len(dataset), world))
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size,
+                                         shuffle=False, num_workers=num_workers, collate_fn=collate)
+    predictions: List[dict] = []
+    image_ids: List[int] = []
+    bar = None
+    if progress and rank == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(indices), desc="eval", unit="img", dynamic_ncols=True, leave=False)
+    for images, targets in loader:
+        results = net.predict(images, batch_size=batch_size, **predict_kwargs)
+        for target, result in zip(targets, results):
+            image_id = int(target["image_id"])
+            image_ids.append(image_id)
+            predictions.extend(result.to_coco(image_id, cat_ids))
+        if bar is not None:
+            bar.update(len(images))
+    if bar is not None:
+        bar.close()
+    predictions = D.all_gather_list(predictions)
+    image_ids = D.all_gather_list(image_ids)
+    stats = None
+    if rank == 0:
+        if out_json:
+            os.makedirs(os.path.dirname(os.path.abspath(out_json)), exist_ok=True)
+            with open(out_json, "w") as f:
+                json.dump(predictions, f)
+        if verbose:
+            print(f"evaluating {len(predictions)} predicted masks on {len(set(image_ids))} images")
+        stats = coco_eval(dataset.coco, predictions, sorted(set(image_ids)), verbose=verbose)
+    return D.broadcast_object(stats)
+
+
+def format_stats(stats: Dict[str, float]) -> str:
+    return " ".join(f"{k} {v:.3f}" for k, v in stats.items())
