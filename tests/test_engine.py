@@ -339,3 +339,25 @@ def test_cli_bad_input(tmp_path, capsys):
         rc, _, err = run_cli(args, capsys)
         assert rc == 2, (args, err)
         assert needle in err and "Traceback" not in err, (args, err)
+
+
+@needs_coco_dataset
+def test_cli_corrupt_image_in_a_worker(tmp_path, capsys):
+    # The dataset's error surfaces from a DataLoader worker: still one line, no worker traceback.
+    ann, img_dir = write_split(str(tmp_path), 2, 0, "train")
+    with open(os.path.join(img_dir, "001.png"), "wb") as f:
+        f.write(b"not a png")
+    rc, _, err = run_cli(["train", "--train-ann", ann, "--train-images", img_dir, "--out", tmp_path / "o",
+                          "--epochs", 1, "--batch-size", 2, "--num-workers", 1, "--min-size", SIZE, "--max-size", SIZE,
+                          "--num-grids", 6, 5, 4, 3, 2], capsys)
+    assert rc == 2 and "001.png" in err and "Traceback" not in err, err
+
+
+@pytest.mark.cuda
+def test_train_cuda_autocast(tmp_path):
+    data = TinyShapes(2)
+    model = train(small_model(), data, out_dir=str(tmp_path), epochs=1, device="cuda", **TRAIN_KW)
+    assert model.device.type == "cuda"
+    log = (tmp_path / "train.log").read_text()
+    assert "autocast" in log and " loss nan" not in log
+    assert torch.load(tmp_path / "last_state.pt", weights_only=True)["iteration"] == 1
