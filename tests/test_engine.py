@@ -156,6 +156,8 @@ def test_train_bad_input(tmp_path):
         train(small_model(), data, out_dir=str(tmp_path), epochs=0)
     with pytest.raises(ValueError, match="lr"):
         train(small_model(), data, out_dir=str(tmp_path), epochs=1, lr=-1.0)
+    with pytest.raises(ValueError, match="milestones"):
+        train(small_model(), data, out_dir=str(tmp_path), epochs=1, milestones=[1.5])
     with pytest.raises(ValueError, match="categories"):
         train(solo_fast.SOLO("solov2_light_r18_fpn", num_classes=5, **SMALL), data, out_dir=str(tmp_path), epochs=1)
     with pytest.raises(FileNotFoundError, match="resume"):

@@ -174,6 +174,9 @@ def train(model, dataset, *, out_dir: str, epochs: int = 12, batch_size: int = 2
         _check_positive(name, value, float, allow_zero=True)
     if grad_clip is not None:
         _check_positive("grad_clip", grad_clip, float)
+    if isinstance(milestones, (str, bytes)) or not all(
+            isinstance(m, int) and not isinstance(m, bool) and m >= 0 for m in milestones):
+        raise ValueError(f"milestones: expected epochs (non-negative ints), got {milestones!r}")
     if not isinstance(out_dir, (str, os.PathLike)):
         raise ValueError(f"out_dir: expected a directory path, got {type(out_dir).__name__}")
     out_dir = os.fspath(out_dir)
