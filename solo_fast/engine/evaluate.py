@@ -86,7 +86,8 @@ def evaluate(model, dataset, *, batch_size: int = 2, out_json: Optional[str] = N
     if progress and rank == 0:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(indices), desc="eval", unit="img", dynamic_ncols=True, leave=False)
+        bar = tqdm(total=len(indices), desc="eval", unit="img", dynamic_ncols=True, leave=False,
+                   disable=None)  # off when stderr is not a terminal
     for images, targets in loader:
         results = net.predict(images, batch_size=batch_size, **predict_kwargs)
         for target, result in zip(targets, results):

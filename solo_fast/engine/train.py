@@ -281,7 +281,7 @@ def _train(net, dataset, dev, a):
         sampler.set_epoch(epoch)
         model.train()
         bar = tqdm(total=iters_per_epoch, desc=f"epoch {epoch + 1}/{epochs}", unit="it", dynamic_ncols=True,
-                   disable=not main, leave=False)
+                   disable=None if main else True, leave=False)  # None: off when stderr is not a terminal
         t_epoch = t_log = time.perf_counter()
         sums: Dict[str, float] = {}
         count = 0
