@@ -138,3 +138,26 @@ def test_per_level_keeps_input_order():
     out = per_level(levels, cells, 3, lambda lvl, sel: torch.stack([sel * 10 + lvl, sel]).t().float(),
                     torch.zeros(0, 2))
     assert out.tolist() == [[52, 5], [10, 1], [71, 7], [30, 3], [2, 0]]
+
+
+def test_one_cell_two_classes_shares_its_mask():
+    m = box_mask(1, 9, 3, 12)
+    calls = []
+
+    class CountingHead(FakeHead):
+        def candidate_masks(self, out, b, levels, cells, mask_size, mask_thr):
+            calls.append(cells.tolist())
+            return super().candidate_masks(out, b, levels, cells, mask_size, mask_thr)
+
+    cfg_scores = {(0, 5, 0): 0.7, (0, 5, 2): 0.6}
+    cfg = get_config("solov2_r18_fpn", num_grids=GRIDS)
+    cfg.update(num_classes=3)
+    scores = torch.zeros(sum(s * s for s in GRIDS), 3)
+    for (_, cell, label), s in cfg_scores.items():
+        scores[cell, label] = s
+    meta = ImageMeta(ori_shape=PAD, img_shape=PAD, pad_shape=PAD)
+    out = postprocess_image(CountingHead(GRIDS, {(0, 5): m}), None, 0, scores, meta, cfg)
+    assert calls == [[5]]  # the mask of cell 5 is computed once for both classes
+    assert out["labels"].tolist() == [0, 2]
+    torch.testing.assert_close(out["scores"], torch.tensor([0.7 * 0.9, 0.6 * 0.9]))
+    assert torch.equal(out["masks"][0], out["masks"][1])

@@ -49,10 +49,14 @@ def postprocess_image(head, out, b: int, scores: torch.Tensor, meta: ImageMeta, 
         return empty_result(meta.ori_shape, device)
     cells_global, labels = cand[:, 0], cand[:, 1]
     cand_scores = scores[cells_global, labels]
-    levels = level_of_cells(num_grids, device)[cells_global]
+    # A cell's mask does not depend on the class: masks are computed once per distinct
+    # cell (``inv`` maps each candidate to its cell) and gathered only for the few
+    # candidates that reach Matrix NMS.
+    ucells, inv = torch.unique(cells_global, return_inverse=True)
+    levels = level_of_cells(num_grids, device)[ucells]
     offsets = torch.tensor([0] + [S * S for S in num_grids], device=device).cumsum(0)
-    cells = cells_global - offsets[levels]
-    strides = torch.tensor(cfg["strides"], device=device, dtype=torch.float32)[levels]
+    cells = ucells - offsets[levels]
+    strides = torch.tensor(cfg["strides"], device=device, dtype=torch.float32)[levels][inv]
 
     H, W = meta.pad_shape
     mask_size = (H // 4, W // 4)
@@ -60,39 +64,37 @@ def postprocess_image(head, out, b: int, scores: torch.Tensor, meta: ImageMeta, 
     nms_pre = cfg["nms_pre"]
     chunk = cfg.get("mask_chunk", MASK_CHUNK)
     if cells.numel() <= chunk:
-        soft, binary, area, maskness = head.candidate_masks(out, b, levels, cells, mask_size, thr)
+        soft_u, binary_u, area_u, maskness_u = head.candidate_masks(out, b, levels, cells, mask_size, thr)
     else:
-        # Thousands of candidates (many classes): a first pass keeps only each mask's area
-        # and maskness, chunk by chunk, so memory stays bounded; the masks of the few that
-        # survive the filter and nms_pre are computed again below.
+        # Thousands of cells: a first pass keeps only each mask's area and maskness, chunk
+        # by chunk, so memory stays bounded; the masks of the few candidates that survive
+        # the filter and nms_pre are computed again below.
         stats = [head.candidate_masks(out, b, levels[i : i + chunk], cells[i : i + chunk], mask_size, thr)[2:]
                  for i in range(0, cells.numel(), chunk)]
-        area = torch.cat([s[0] for s in stats])
-        maskness = torch.cat([s[1] for s in stats])
-        soft = binary = None
+        area_u = torch.cat([s[0] for s in stats])
+        maskness_u = torch.cat([s[1] for s in stats])
+        soft_u = binary_u = None
+    area = area_u[inv]
     keep = area.float() > strides
     if not bool(keep.any()):
         return empty_result(meta.ori_shape, device)
-    area, maskness = area[keep], maskness[keep]
-    cand_scores = cand_scores[keep] * maskness.to(cand_scores.dtype)
-    labels = labels[keep]
-    if soft is None:
-        # The candidates Matrix NMS would keep after its own stable sort and nms_pre cut.
-        top = torch.sort(cand_scores, descending=True, stable=True).indices[:nms_pre]
-        top = top.sort().values  # back to candidate order, so Matrix NMS breaks ties as before
-        levels, cells = levels[keep][top], cells[keep][top]
-        cand_scores, labels, area = cand_scores[top], labels[top], area[top]
-        soft, binary, _, _ = head.candidate_masks(out, b, levels, cells, mask_size, thr)
-    else:
-        soft, binary = soft[keep], binary[keep]
+    inv, area, labels = inv[keep], area[keep], labels[keep]
+    cand_scores = cand_scores[keep] * maskness_u[inv].to(cand_scores.dtype)
+    # The candidates Matrix NMS keeps after its own stable sort and nms_pre cut, back in
+    # candidate order so that it breaks ties exactly as it would on all of them.
+    top = torch.sort(cand_scores, descending=True, stable=True).indices[:nms_pre].sort().values
+    inv, area, labels, cand_scores = inv[top], area[top], labels[top], cand_scores[top]
+    if soft_u is None:
+        sub, inv = torch.unique(inv, return_inverse=True)
+        soft_u, binary_u, _, _ = head.candidate_masks(out, b, levels[sub], cells[sub], mask_size, thr)
 
     nms_scores, nms_labels, _, keep_inds = ops.matrix_nms(
-        binary, labels, cand_scores, mask_area=area, kernel=cfg["nms_kernel"], sigma=cfg["nms_sigma"],
+        binary_u[inv], labels, cand_scores, mask_area=area, kernel=cfg["nms_kernel"], sigma=cfg["nms_sigma"],
         filter_thr=cfg["filter_thr"], nms_pre=nms_pre, max_num=cfg["max_per_img"],
     )
     if nms_scores.numel() == 0:
         return empty_result(meta.ori_shape, device)
-    soft = soft[keep_inds].float()[None]
+    soft = soft_u[inv[keep_inds]].float()[None]
     # Soft masks: stride 4 -> padded input, crop the image, resize to the original size.
     soft = F.interpolate(soft, size=(H, W), mode="bilinear", align_corners=False)
     soft = soft[:, :, : meta.img_shape[0], : meta.img_shape[1]]
