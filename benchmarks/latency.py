@@ -27,8 +27,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import solo_fast  # noqa: E402
 from solo_fast import ops  # noqa: E402
 
-# Dense fp16 tensor-core peak and memory bandwidth, for the "implied floor" column.
-GPU_PEAKS = {"H100": (989e12, 3.35e12), "H200": (989e12, 4.8e12), "A100": (312e12, 2.0e12)}
+# Dense tensor-core peaks (fp16 and int8 ops/s) and memory bandwidth (bytes/s), for the
+# "implied floor" column (SXM parts).
+GPU_PEAKS = {
+    "H100": {"fp16": 989e12, "int8": 1979e12, "bw": 3.35e12},
+    "H200": {"fp16": 989e12, "int8": 1979e12, "bw": 4.8e12},
+    "A100": {"fp16": 312e12, "int8": 624e12, "bw": 2.0e12},
+}
 
 
 def sync(device: torch.device) -> None:
@@ -97,10 +102,12 @@ def op_cases(device, quick: bool) -> List[Dict]:
         def make(n=n):
             masks, labels, scores = clustered_masks(n, mh, mw, device)
             return lambda b: ops.matrix_nms(masks, labels, scores, filter_thr=0.05, backend=b)
-        hw = mh * mw
-        # Upper-triangle intersections (2 flops per pixel pair) and the masks read once as bits.
+        from solo_fast.ops._matrix_nms import matrix_nms_cost
+
+        # Upper-triangle intersections in int8 on tensor cores; masks read once as bytes.
+        cost = matrix_nms_cost(n, mh, mw)
         cases.append(dict(op="matrix_nms", label=f"N={n} {mh}x{mw}", make=make,
-                          flops=n * (n - 1) / 2 * hw * 2, bytes=n * hw / 8))
+                          flops=cost["ops"], bytes=cost["bytes"], precision="int8"))
 
     ph, pw = (416, 672) if quick else (800, 1344)
 
@@ -246,7 +253,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             if "bytes" in case:
                 notes.append(f"{case['bytes'] / 1e6:.1f} MB min")
             if peak and ("flops" in case or "bytes" in case):
-                floor = max(case.get("flops", 0) / peak[0], case.get("bytes", 0) / peak[1]) * 1e3
+                rate = peak[case.get("precision", "fp16")]
+                floor = max(case.get("flops", 0) / rate, case.get("bytes", 0) / peak["bw"]) * 1e3
                 notes.append(f"floor {floor * 1e3:.1f} us")
             row = {"op": case["op"], "case": case["label"], "backend": backend, **stats,
                    "speedup": ref_ms / stats["median_ms"] if ref_ms else None,
