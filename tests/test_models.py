@@ -146,3 +146,19 @@ def test_solov2_r50_builds_with_published_sizes():
     assert head.kernel_convs[0].conv.in_channels == 258  # 256 features + 2 coordinates
     assert len(head.kernel_convs) == 4 and head.kernel_convs[1].conv.out_channels == 512
     assert model.neck.lateral_convs[0].conv.in_channels == 256 and model.neck.lateral_convs[3].conv.in_channels == 2048
+
+
+def test_frozen_stages_and_norm_eval_settings():
+    """From scratch one wants nothing frozen and live BatchNorm statistics."""
+    model = solo_fast.SOLO("solov2_light_r18_fpn", num_classes=3, frozen_stages=-1, norm_eval=False, **SMALL).train()
+    assert all(p.requires_grad for p in model.backbone.parameters())
+    bn = model.backbone.bn1
+    assert bn.training
+    before = bn.running_mean.clone()
+    img, tgt = scene()
+    model([img], [tgt])
+    assert not torch.equal(before, bn.running_mean)
+    frozen = solo_fast.SOLO("solov2_light_r18_fpn", num_classes=3, **SMALL).train()
+    before = frozen.backbone.layer2[0].bn1.running_mean.clone()
+    frozen([img], [tgt])
+    assert torch.equal(before, frozen.backbone.layer2[0].bn1.running_mean)

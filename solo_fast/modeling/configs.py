@@ -11,7 +11,8 @@ SCALE_RANGES_SOLOV2_LIGHT = ((1, 56), (28, 112), (56, 224), (112, 448), (224, 89
 
 BASE: Dict[str, Any] = dict(
     depth=50,
-    frozen_stages=1,
+    frozen_stages=1,  # stem + layer1 frozen (-1: nothing frozen, e.g. training from scratch)
+    norm_eval=True,  # BatchNorm uses its running statistics in training too (mmdetection's norm_eval)
     fpn_channels=256,
     head="solo",
     stacked_convs=7,

@@ -35,7 +35,7 @@ class SOLO(nn.Module):
         cfg["num_classes"] = num_classes
         self.cfg = cfg
         self.class_names: Optional[List[str]] = None
-        self.backbone = ResNet(cfg["depth"], frozen_stages=cfg["frozen_stages"])
+        self.backbone = ResNet(cfg["depth"], frozen_stages=cfg["frozen_stages"], norm_eval=cfg["norm_eval"])
         self.neck = FPN(self.backbone.out_channels, cfg["fpn_channels"], num_outs=len(cfg["strides"]))
         self.mask_head = build_head(cfg)
         self.transform = InputTransform(cfg["min_size"], cfg["max_size"], cfg["size_divisor"])
