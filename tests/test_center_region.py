@@ -478,3 +478,19 @@ def test_cuda_full_size_batch():
         for field in ("labels", "pos_cells", "pos_instance", "mask_targets"):
             for a, b in zip(getattr(t, field), getattr(want, field)):
                 assert torch.equal(a.cpu(), b)
+
+
+def test_batch_errors_name_the_image():
+    """Values of a batch are checked at once; an error still names the image at fault."""
+    kw = dict(pad_shape=(8, 8), num_grids=[2], scale_ranges=[(1, 100)], num_classes=3, mask_stride=2)
+    masks = [torch.ones(1, 8, 8, dtype=torch.uint8)] * 3
+    good, bad = torch.tensor([1]), torch.tensor([3])
+    assert len(ops.center_region_assign_batch(masks, [good, good, good], **kw)) == 3
+    with pytest.raises(ValueError, match=r"gt_labels\[2\].*\[0, 3\)"):
+        ops.center_region_assign_batch(masks, [good, good, bad], **kw)
+    boxes = [torch.tensor([[0.0, 0.0, 8.0, 8.0]]), torch.tensor([[5.0, 0.0, 2.0, 8.0]]), None]
+    with pytest.raises(ValueError, match=r"gt_boxes\[1\].*x2 >= x1"):
+        ops.center_region_assign_batch(masks, [good] * 3, boxes, **kw)
+    boxes[1] = torch.tensor([[0.0, float("nan"), 8.0, 8.0]])
+    with pytest.raises(ValueError, match=r"gt_boxes\[1\].*finite"):
+        ops.center_region_assign_batch(masks, [good] * 3, boxes, **kw)

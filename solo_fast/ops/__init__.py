@@ -117,23 +117,39 @@ def _check_assign_config(pad_shape, num_grids, scale_ranges, pos_scale, num_clas
 
 
 def _check_assign_image(gt_masks, gt_labels, gt_boxes, pad_shape, num_classes, where=""):
+    """Shapes, dtypes and devices only: nothing here reads tensor values (no host sync)."""
     _checks.tensor(f"gt_masks{where}", gt_masks, ndim=3, dtypes=_checks.MASK_DTYPES)
     if tuple(gt_masks.shape[1:]) != tuple(pad_shape):
         raise ValueError(f"gt_masks{where}: expected masks of pad_shape {tuple(pad_shape)}, got {tuple(gt_masks.shape[1:])}")
     _checks.tensor(f"gt_labels{where}", gt_labels, ndim=1, dtypes=(torch.int64, torch.int32))
     _checks.length(f"gt_labels{where}", gt_labels, gt_masks.shape[0], "mask")
-    if gt_labels.numel() and (int(gt_labels.min()) < 0 or int(gt_labels.max()) >= num_classes):
-        raise ValueError(f"gt_labels{where}: expected values in [0, {num_classes}), got range "
-                         f"[{int(gt_labels.min())}, {int(gt_labels.max())}]")
     if gt_boxes is not None:
         _checks.tensor(f"gt_boxes{where}", gt_boxes, ndim=2, dtypes=_checks.FLOAT_DTYPES)
         if gt_boxes.shape[1] != 4:
             raise ValueError(f"gt_boxes{where}: expected shape [M, 4] (xyxy), got {tuple(gt_boxes.shape)}")
         _checks.length(f"gt_boxes{where}", gt_boxes, gt_masks.shape[0], "mask")
-        _checks.finite(f"gt_boxes{where}", gt_boxes)
-        if bool((gt_boxes[:, 2] < gt_boxes[:, 0]).any() or (gt_boxes[:, 3] < gt_boxes[:, 1]).any()):
-            raise ValueError(f"gt_boxes{where}: expected x2 >= x1 and y2 >= y1 for every box")
     _checks.same_device(gt_masks=gt_masks, gt_labels=gt_labels, gt_boxes=gt_boxes)
+
+
+def _check_assign_values(gt_labels, gt_boxes, num_classes, wheres) -> None:
+    """Label ranges and box values of a whole batch with a single device-to-host read;
+    only when something is wrong are the images looked at one by one to name the culprit."""
+    flags = []
+    for labels, boxes in zip(gt_labels, gt_boxes):
+        flags.append(((labels < 0) | (labels >= num_classes)).any())
+        if boxes is not None:
+            flags.append(~torch.isfinite(boxes).all())
+            flags.append((boxes[:, 2] < boxes[:, 0]).any() | (boxes[:, 3] < boxes[:, 1]).any())
+    if not flags or not any(torch.stack(flags).tolist()):
+        return
+    for labels, boxes, where in zip(gt_labels, gt_boxes, wheres):
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+            raise ValueError(f"gt_labels{where}: expected values in [0, {num_classes}), got range "
+                             f"[{int(labels.min())}, {int(labels.max())}]")
+        if boxes is not None:
+            _checks.finite(f"gt_boxes{where}", boxes)
+            if bool((boxes[:, 2] < boxes[:, 0]).any() or (boxes[:, 3] < boxes[:, 1]).any()):
+                raise ValueError(f"gt_boxes{where}: expected x2 >= x1 and y2 >= y1 for every box")
 
 
 def center_region_assign(
@@ -153,6 +169,7 @@ def center_region_assign(
     pad_shape = tuple(pad_shape) if isinstance(pad_shape, (tuple, list)) else pad_shape
     _check_assign_config(pad_shape, num_grids, scale_ranges, pos_scale, num_classes, mask_stride)
     _check_assign_image(gt_masks, gt_labels, gt_boxes, pad_shape, num_classes)
+    _check_assign_values([gt_labels], [gt_boxes], num_classes, [""])
     _, fn = _backend.resolve("center_region_assign", backend, gt_masks.device.type)
     return fn(
         gt_masks, gt_labels.long(), gt_boxes, pad_shape=pad_shape, num_grids=list(num_grids),
@@ -197,6 +214,7 @@ def center_region_assign_batch(
     devices = {m.device for m in gt_masks}
     if len(devices) > 1:
         raise ValueError(f"gt_masks: expected all images on one device, got {sorted(map(str, devices))}")
+    _check_assign_values(gt_labels, boxes, num_classes, [f"[{i}]" for i in range(len(gt_masks))])
     _, fn = _backend.resolve("center_region_assign", backend, gt_masks[0].device.type)
     config = dict(
         pad_shape=pad_shape, num_grids=list(num_grids), scale_ranges=[tuple(r) for r in scale_ranges],
