@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from solo_fast.modeling import get_config
-from solo_fast.modeling.heads import mask_stats
+from solo_fast.ops.reference import mask_stats
 from solo_fast.modeling.postprocess import flat_scores, point_nms, postprocess_image
 from solo_fast.modeling.transform import ImageMeta
 

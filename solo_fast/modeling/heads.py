@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import _backend, ops
+from ..ops.reference import mask_stats
 from .layers import ConvModule, focal_prior_bias
 
 
@@ -41,14 +42,6 @@ def _resize(x: torch.Tensor, size) -> torch.Tensor:
     if tuple(x.shape[-2:]) == tuple(size):
         return x
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
-
-
-def mask_stats(soft: torch.Tensor, mask_thr: float):
-    """(soft, binary, area, maskness) of soft masks [K, h, w], as :func:`solo_fast.ops.mask_predict`."""
-    binary = soft > mask_thr
-    area = binary.sum((1, 2))
-    maskness = (soft * binary).sum((1, 2)) / area.clamp(min=1)
-    return soft, binary, area, maskness
 
 
 def per_level(levels: torch.Tensor, cells: torch.Tensor, num_levels: int, fn, empty: torch.Tensor) -> torch.Tensor:

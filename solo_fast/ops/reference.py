@@ -241,6 +241,15 @@ def coord_conv2d(
 # --------------------------------------------------------------------------------------
 # Mask prediction (SOLOv2 dynamic kernels, SOLO sparse inference)
 # --------------------------------------------------------------------------------------
+def mask_stats(soft: torch.Tensor, mask_thr: float):
+    """(soft, binary, area, maskness) of soft masks [K, h, w]: the binary mask ``soft >
+    mask_thr``, its pixel count, and the mean soft value inside it (0 where it is empty)."""
+    binary = soft > mask_thr
+    area = binary.sum((1, 2))
+    maskness = (soft * binary).sum((1, 2)) / area.clamp(min=1)
+    return soft, binary, area, maskness
+
+
 def mask_predict(
     features: torch.Tensor,
     kernels: torch.Tensor,
@@ -254,10 +263,7 @@ def mask_predict(
     logits = kernels.float() @ features.reshape(e, h * w).float()
     if bias is not None:
         logits = logits + bias.float()[:, None]
-    soft = logits.sigmoid().reshape(-1, h, w)
-    binary = soft > mask_thr
-    area = binary.sum((1, 2))
-    maskness = (soft * binary).sum((1, 2)) / area.clamp(min=1)
+    soft, binary, area, maskness = mask_stats(logits.sigmoid().reshape(-1, h, w), mask_thr)
     if out_dtype is None:
         out_dtype = torch.float16 if features.is_cuda else torch.float32
     return soft.to(out_dtype), binary, area, maskness
