@@ -8,6 +8,7 @@ device and falls back to ``"reference"``. Fast implementations register themselv
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -32,12 +33,59 @@ for _name in ("matrix_nms", "center_region_assign", "coord_conv2d", "mask_predic
     _backend.register(_name, "reference", _always)(getattr(reference, _name))
 
 
+@torch.compiler.assume_constant_result
+def _backend_at_trace_time(op: str, backend: Optional[str], device_type: str) -> str:
+    return _backend.resolve(op, backend, device_type)[0]
+
+
+def _resolve(op: str, backend: Optional[str], device_type: str):
+    """:func:`solo_fast._backend.resolve`, readable by torch.compile.
+
+    The active backend lives in a ContextVar, which TorchDynamo cannot trace (a graph
+    break before every op); while compiling it is read once, when the graph is traced,
+    and baked into the graph. A compiled model therefore keeps the backend it was traced
+    with: call ``torch._dynamo.reset()`` after switching backends.
+    """
+    if torch.compiler.is_compiling():
+        name = _backend_at_trace_time(op, backend, device_type)
+        return name, _backend._REGISTRY[op][name][0]
+    return _backend.resolve(op, backend, device_type)
+
+
+def _autocast_off(device_type: str):
+    """Ops whose contract is fp32 arithmetic (Matrix NMS intersections, mask logits, target
+    downsampling) run with autocast off: under autocast a matmul would be silently
+    rounded to bf16/fp16, e.g. intersections of more than 256 pixels in bf16."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def available_backends(op: str, device: Union[str, torch.device] = "cpu") -> Tuple[str, ...]:
     """Concrete backends of ``op`` usable for tensors on ``device`` on this machine."""
     return _backend.available_backends(op, torch.device(device).type)
 
 
 # --------------------------------------------------------------------------------------
+def _check_nms_values(masks, scores, mask_area) -> None:
+    """Non-finite scores, negative or non-finite areas, uint8 masks other than 0/1: one
+    device-to-host read for all of them; the culprit is named only when one is wrong."""
+    if masks.shape[0] == 0:
+        return
+    flags = [~torch.isfinite(scores).all()]
+    if mask_area is not None:
+        flags.append((mask_area < 0).any() | ~torch.isfinite(mask_area).all())
+    if masks.dtype == torch.uint8 and masks.numel():
+        flags.append(masks.max() > 1)
+    bad = torch.stack(flags).tolist()
+    if bad[0]:
+        raise ValueError("scores: expected finite values, got NaN or Inf")
+    if mask_area is not None and bad[1]:
+        raise ValueError("mask_area: expected finite, non-negative pixel counts")
+    if bad[-1] and masks.dtype == torch.uint8 and masks.numel():
+        raise ValueError(f"masks: expected 0/1 values, got a maximum of {int(masks.max())}")
+
+
 def matrix_nms(
     masks: torch.Tensor,
     labels: torch.Tensor,
@@ -63,11 +111,14 @@ def matrix_nms(
     _checks.length("scores", scores, n, "mask")
     if labels.is_floating_point() or labels.is_complex():
         raise ValueError(f"labels: expected an integer dtype, got {labels.dtype}")
-    if bool(torch.isnan(scores).any()):
-        raise ValueError("scores: expected no NaN values")
     if mask_area is not None:
         _checks.tensor("mask_area", mask_area, ndim=1)
         _checks.length("mask_area", mask_area, n, "mask")
+        if mask_area.dtype == torch.bool or mask_area.is_complex():
+            raise ValueError(f"mask_area: expected an integer or floating dtype, got {mask_area.dtype}")
+    if isinstance(filter_thr, bool) or not isinstance(filter_thr, (int, float)) or math.isnan(filter_thr):
+        raise ValueError(f"filter_thr: expected a number (<= 0 disables it), got {filter_thr!r}")
+    _check_nms_values(masks, scores, mask_area)
     if kernel not in ("gaussian", "linear"):
         raise ValueError(f"kernel: expected 'gaussian' or 'linear', got {kernel!r}")
     if not isinstance(sigma, (int, float)) or not math.isfinite(sigma) or sigma <= 0:
@@ -76,11 +127,12 @@ def matrix_nms(
         if isinstance(v, bool) or not isinstance(v, int):
             raise ValueError(f"{name}: expected an int (<= 0 disables it), got {v!r}")
     _checks.same_device(masks=masks, labels=labels, scores=scores, mask_area=mask_area)
-    _, fn = _backend.resolve("matrix_nms", backend, masks.device.type)
-    return fn(
-        masks, labels, scores, mask_area=mask_area, kernel=kernel, sigma=float(sigma),
-        filter_thr=float(filter_thr), nms_pre=nms_pre, max_num=max_num,
-    )
+    _, fn = _resolve("matrix_nms", backend, masks.device.type)
+    with _autocast_off(masks.device.type):
+        return fn(
+            masks, labels, scores, mask_area=mask_area, kernel=kernel, sigma=float(sigma),
+            filter_thr=float(filter_thr), nms_pre=nms_pre, max_num=max_num,
+        )
 
 
 # --------------------------------------------------------------------------------------
@@ -170,12 +222,13 @@ def center_region_assign(
     _check_assign_config(pad_shape, num_grids, scale_ranges, pos_scale, num_classes, mask_stride)
     _check_assign_image(gt_masks, gt_labels, gt_boxes, pad_shape, num_classes)
     _check_assign_values([gt_labels], [gt_boxes], num_classes, [""])
-    _, fn = _backend.resolve("center_region_assign", backend, gt_masks.device.type)
-    return fn(
-        gt_masks, gt_labels.long(), gt_boxes, pad_shape=pad_shape, num_grids=list(num_grids),
-        scale_ranges=[tuple(r) for r in scale_ranges], pos_scale=float(pos_scale),
-        num_classes=num_classes, mask_stride=mask_stride,
-    )
+    _, fn = _resolve("center_region_assign", backend, gt_masks.device.type)
+    with _autocast_off(gt_masks.device.type):
+        return fn(
+            gt_masks, gt_labels.long(), gt_boxes, pad_shape=pad_shape, num_grids=list(num_grids),
+            scale_ranges=[tuple(r) for r in scale_ranges], pos_scale=float(pos_scale),
+            num_classes=num_classes, mask_stride=mask_stride,
+        )
 
 
 def center_region_assign_batch(
@@ -215,16 +268,17 @@ def center_region_assign_batch(
     if len(devices) > 1:
         raise ValueError(f"gt_masks: expected all images on one device, got {sorted(map(str, devices))}")
     _check_assign_values(gt_labels, boxes, num_classes, [f"[{i}]" for i in range(len(gt_masks))])
-    _, fn = _backend.resolve("center_region_assign", backend, gt_masks[0].device.type)
+    _, fn = _resolve("center_region_assign", backend, gt_masks[0].device.type)
     config = dict(
         pad_shape=pad_shape, num_grids=list(num_grids), scale_ranges=[tuple(r) for r in scale_ranges],
         pos_scale=float(pos_scale), num_classes=num_classes, mask_stride=mask_stride,
     )
     labels64 = [labels.long() for labels in gt_labels]
     batched = getattr(fn, "batched", None)
-    if batched is not None:
-        return batched(list(gt_masks), labels64, boxes, **config)
-    return [fn(*image, **config) for image in zip(gt_masks, labels64, boxes)]
+    with _autocast_off(gt_masks[0].device.type):
+        if batched is not None:
+            return batched(list(gt_masks), labels64, boxes, **config)
+        return [fn(*image, **config) for image in zip(gt_masks, labels64, boxes)]
 
 
 # --------------------------------------------------------------------------------------
@@ -238,7 +292,13 @@ def coord_conv2d(
     coord_src_size: Optional[Tuple[int, int]] = None,
     backend: Optional[str] = None,
 ) -> torch.Tensor:
-    """CoordConv: ``conv2d(cat([x, xx, yy], 1), weight, bias, padding=padding)``."""
+    """CoordConv: ``conv2d(cat([x, xx, yy], 1), weight, bias, padding=padding)``.
+
+    ``x``, ``weight`` and ``bias`` share one floating dtype (fp16, bf16, fp32 or fp64) and
+    the output has it; under autocast they may differ and the output has the autocast
+    dtype, exactly as ``F.conv2d``. NaN/Inf propagate as they do through ``F.conv2d``
+    (nothing is checked: that would cost a device sync per layer).
+    """
     _checks.tensor("x", x, ndim=4, dtypes=_checks.FLOAT_DTYPES)
     _checks.tensor("weight", weight, ndim=4, dtypes=_checks.FLOAT_DTYPES)
     if coords not in ("xy", "x", "y"):
@@ -250,17 +310,26 @@ def coord_conv2d(
             f"channel(s) for coords={coords!r}), got {weight.shape[1]}"
         )
     if bias is not None:
-        _checks.tensor("bias", bias, ndim=1)
+        _checks.tensor("bias", bias, ndim=1, dtypes=_checks.FLOAT_DTYPES)
         _checks.length("bias", bias, weight.shape[0], "output channel")
+    if not torch.is_autocast_enabled(x.device.type):
+        for name, t in (("weight", weight), ("bias", bias)):
+            if t is not None and t.dtype != x.dtype:
+                raise ValueError(f"{name}: expected the dtype of x ({_checks.dtype_name(x.dtype)}) outside "
+                                 f"autocast, got {_checks.dtype_name(t.dtype)}")
     if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
         raise ValueError(f"padding: expected a non-negative int, got {padding!r}")
     if coord_src_size is not None and (
         not isinstance(coord_src_size, (tuple, list)) or len(coord_src_size) != 2
-        or not all(isinstance(v, int) and v > 0 for v in coord_src_size)
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in coord_src_size)
     ):
         raise ValueError(f"coord_src_size: expected (height, width) of positive ints, got {coord_src_size!r}")
+    for dim, k in ((2, weight.shape[2]), (3, weight.shape[3])):
+        if x.shape[dim] < 1 or x.shape[dim] + 2 * padding < k:
+            raise ValueError(f"x: spatial size {tuple(x.shape[2:])} with padding {padding} is smaller than "
+                             f"the {tuple(weight.shape[2:])} kernel")
     _checks.same_device(x=x, weight=weight, bias=bias)
-    _, fn = _backend.resolve("coord_conv2d", backend, x.device.type)
+    _, fn = _resolve("coord_conv2d", backend, x.device.type)
     return fn(x, weight, bias, padding=padding, coords=coords,
               coord_src_size=None if coord_src_size is None else tuple(coord_src_size))
 
@@ -285,13 +354,14 @@ def mask_predict(
     if bias is not None:
         _checks.tensor("bias", bias, ndim=1)
         _checks.length("bias", bias, kernels.shape[0], "kernel")
-    if not isinstance(mask_thr, (int, float)) or not 0 <= mask_thr <= 1:
+    if isinstance(mask_thr, bool) or not isinstance(mask_thr, (int, float)) or not 0 <= mask_thr <= 1:
         raise ValueError(f"mask_thr: expected a number in [0, 1], got {mask_thr!r}")
     if out_dtype is not None and out_dtype not in _checks.FLOAT_DTYPES:
         raise ValueError(f"out_dtype: expected a floating dtype, got {out_dtype!r}")
     _checks.same_device(features=features, kernels=kernels, bias=bias)
-    _, fn = _backend.resolve("mask_predict", backend, features.device.type)
-    return fn(features, kernels, bias, mask_thr=float(mask_thr), out_dtype=out_dtype)
+    _, fn = _resolve("mask_predict", backend, features.device.type)
+    with _autocast_off(features.device.type):
+        return fn(features, kernels, bias, mask_thr=float(mask_thr), out_dtype=out_dtype)
 
 
 # Fast implementations register themselves on import; each module guards its own

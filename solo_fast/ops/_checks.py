@@ -17,6 +17,10 @@ def tensor(name: str, value, *, ndim: int | None = None, dtypes: Sequence[torch.
     return value
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
 def length(name: str, value: torch.Tensor, expected: int, other: str) -> None:
     if value.shape[0] != expected:
         raise ValueError(f"{name}: expected {expected} entries (one per {other}), got {value.shape[0]}")

@@ -23,7 +23,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ._triton_support import triton_available
+from ._triton_support import opaque_under_interpreter, triton_available
 from .. import _backend
 
 
@@ -133,6 +133,12 @@ def coord_conv2d_cpu(
     b, o, ho, wo = out.shape
     xs, ys = coord_vectors(x.shape[2], x.shape[3], coord_src_size=coord_src_size, device=x.device, dtype=x.dtype)
     r, t = coord_factors(weight[:, c:], xs, ys, padding=padding, coords=coords, out_size=(ho, wo))
+    if r.dtype != out.dtype:
+        # Under autocast the conv output is in the autocast dtype (bf16/fp16) while the
+        # coordinates and the weight stay fp32, and the in-place GEMM below is not
+        # autocast: its factors are rounded to the output's dtype, as the reference's
+        # autocast conv rounds the concatenated coordinate channels and the weight.
+        r, t = r.to(out.dtype), t.to(out.dtype)
     if b > 1:
         t = t.repeat(b, 1, 1)
     # One in-place batched GEMM adds the term to the conv output: no [O, Ho, Wo] term
@@ -190,8 +196,11 @@ def _triton_op():
         g_b = grad.sum((0, 2, 3)).to(ctx.bias_dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return grad, g_w, g_b, None, None, None, None
 
+    def fake(conv, w_coord, bias, xs, ys, padding, coords):
+        return torch.empty_like(conv, memory_format=torch.contiguous_format)
+
     coord_conv2d_coords.register_autograd(backward, setup_context=setup_context)
-    return coord_conv2d_coords
+    return opaque_under_interpreter(coord_conv2d_coords, fake)
 
 
 def coord_conv2d_triton(

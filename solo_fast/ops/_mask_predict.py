@@ -27,7 +27,7 @@ import torch
 
 from .. import _backend
 from . import reference
-from ._triton_support import interpreting, triton_available
+from ._triton_support import interpreting, opaque_under_interpreter, triton_available
 
 # Bound on the CPU path's one temporary (the maskness product), in fp32 elements: 64 MB.
 # Fewer, larger chunks rather than many small ones: each chunk is two parallel regions,
@@ -89,14 +89,17 @@ def mask_predict_cpu(
     # Integer counts are exact in any order; an int32 count of bytes is ~2x faster than
     # bool.sum()'s int64 path (H*W < 2**31).
     area.copy_(binary.view(k, n).view(torch.uint8).sum(1, dtype=torch.int32))
-    # maskness needs soft * binary summed exactly as the reference sums it (per mask, the
+    # maskness needs soft over binary summed exactly as the reference sums it (per mask, the
     # same reduction over H*W); only this product is chunked, into a reused buffer.
     if chunk is None:
         chunk = max(1, CHUNK_ELEMS // max(n, 1))
     tmp = torch.empty(min(chunk, k), h, w, dtype=torch.float32, device=dev)
+    zero = torch.zeros((), dtype=torch.float32, device=dev)
     for k0 in range(0, k, chunk):
         k1 = min(k, k0 + chunk)
-        prod = torch.mul(s[k0:k1], binary[k0:k1], out=tmp[: k1 - k0])
+        # A select, as the reference: NaN logits (non-finite inputs) are outside the
+        # binary mask and must not turn the sum into NaN (NaN * 0 is NaN).
+        prod = torch.where(binary[k0:k1], s[k0:k1], zero, out=tmp[: k1 - k0])
         maskness[k0:k1] = prod.sum((1, 2))
     maskness.div_(area.clamp(min=1))
     if out_dtype != torch.float32:
@@ -134,7 +137,12 @@ def _triton_op():
         kern.mask_predict(features, kernels, bias, soft, binary, area, msum, mask_thr=mask_thr, operand=operand)
         return soft, binary, area, msum
 
-    return mask_predict_fused, kern.OPERANDS
+    def fake(features, kernels, bias, mask_thr, out_dtype, operand):
+        k, n = kernels.shape[0], features.shape[1]
+        return (features.new_empty((k, n), dtype=out_dtype), features.new_empty((k, n), dtype=torch.uint8),
+                features.new_empty((k,), dtype=torch.int32), features.new_empty((k,), dtype=torch.float32))
+
+    return opaque_under_interpreter(mask_predict_fused, fake), kern.OPERANDS
 
 
 def _pick_operand(features: torch.Tensor, kernels: torch.Tensor) -> str:

@@ -16,7 +16,7 @@ import functools
 
 import torch
 
-from ._triton_support import triton_available
+from ._triton_support import opaque_under_interpreter, triton_available
 from .. import _backend, _ext
 from . import reference
 
@@ -81,7 +81,10 @@ def _triton_op():
     ) -> torch.Tensor:
         return kernels.launch_decay(masks, labels, areas, kernel, sigma, wrap=wrap_triton)
 
-    return matrix_nms_decay
+    def fake(masks, labels, areas, kernel, sigma):
+        return masks.new_empty((masks.shape[0],), dtype=torch.float32)
+
+    return opaque_under_interpreter(matrix_nms_decay, fake)
 
 
 def decay_triton(masks: torch.Tensor, labels: torch.Tensor, areas: torch.Tensor, kernel: str, sigma: float) -> torch.Tensor:

@@ -26,3 +26,30 @@ def triton_available(device_type: str) -> bool:
     if device_type == "cuda":
         return torch.cuda.is_available() or interpreting()
     return device_type == "cpu" and interpreting()
+
+
+def opaque_under_interpreter(op, fake):
+    """Make a ``torch.library.triton_op`` traceable (FakeTensors, torch.compile, opcheck)
+    when its kernels run in the Triton interpreter; a no-op otherwise.
+
+    ``triton_op`` uses the op's own body as its fake kernel and, under
+    FunctionalTensorMode (AOTAutograd), decomposes the op into its ``wrap_triton`` kernel
+    calls. Both rely on ``wrap_triton`` turning each launch into a traceable higher-order
+    op, but under ``TRITON_INTERPRET=1`` ``@triton.jit`` returns an ``InterpretedFunction``
+    that ``wrap_triton`` hands back unwrapped (torch 2.13), so the body would launch the
+    interpreter on FakeTensors ("Attempted to set the storage of a tensor on device
+    'meta' to a storage on different device 'cpu'"). Here the op instead gets ``fake``
+    (output shapes and dtypes only) as its fake kernel and stays one opaque node under
+    FunctionalTensorMode -- what torch.export does for triton ops -- so a compiled graph
+    calls the real op, which launches the interpreter on real CPU tensors.
+    """
+    if not interpreting():
+        return op
+    from torch._subclasses.functional_tensor import FunctionalTensorMode
+
+    def keep_opaque(mode, func, types, args, kwargs):
+        return mode.__torch_dispatch__(func, types, args, kwargs)
+
+    op.register_fake(fake)
+    op.register_torch_dispatch(FunctionalTensorMode, keep_opaque)
+    return op

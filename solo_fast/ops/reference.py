@@ -243,10 +243,13 @@ def coord_conv2d(
 # --------------------------------------------------------------------------------------
 def mask_stats(soft: torch.Tensor, mask_thr: float):
     """(soft, binary, area, maskness) of soft masks [K, h, w]: the binary mask ``soft >
-    mask_thr``, its pixel count, and the mean soft value inside it (0 where it is empty)."""
+    mask_thr``, its pixel count, and the mean soft value inside it (0 where it is empty).
+
+    NaN soft values are never in the binary mask (``NaN > thr`` is false), so they count
+    neither in the area nor in the maskness (a select, not ``soft * binary``: NaN * 0 is NaN)."""
     binary = soft > mask_thr
     area = binary.sum((1, 2))
-    maskness = (soft * binary).sum((1, 2)) / area.clamp(min=1)
+    maskness = torch.where(binary, soft, 0.0).sum((1, 2)) / area.clamp(min=1)
     return soft, binary, area, maskness
 
 
