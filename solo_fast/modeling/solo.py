@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
@@ -238,3 +239,27 @@ class SOLO(nn.Module):
         if "class_names" in meta:
             model.class_names = json.loads(meta["class_names"])
         return model.to(map_location)
+
+    @classmethod
+    def from_mmdet(cls, path: str, config: str, num_classes: Optional[int] = None, strict: bool = False,
+                   **overrides: Any) -> "SOLO":
+        """A model of the named ``config`` with the weights of an mmdetection 2.x/3.x checkpoint
+        (``mask_head.*``) or of the original SOLO repository (``bbox_head.*``): a ``.pth``/``.pt``
+        file read with ``torch.load(weights_only=True)`` (weights at the top level or under
+        ``"state_dict"``) or a ``.safetensors`` file.
+
+        ``num_classes`` (foreground classes) defaults to the class conv's rows. A checkpoint for
+        another head, backbone or shape raises ValueError naming a key. Keys the model lacks or
+        the checkpoint lacks are listed in ``model.load_report`` and in a warning; with
+        ``strict=True`` they raise ValueError instead.
+        """
+        from . import mmdet_convert
+
+        ckpt = mmdet_convert.read_checkpoint(path)
+        model = cls(config, num_classes=mmdet_convert.num_classes_of(ckpt, num_classes), **overrides)
+        model.load_report = mmdet_convert.load_into(model, ckpt, strict=strict)
+        if model.load_report.missing or model.load_report.unexpected:
+            warnings.warn(f"from_mmdet: {path!r} loaded into {config!r} with {model.load_report}", stacklevel=2)
+        if ckpt.class_names is not None and len(ckpt.class_names) == model.num_classes:
+            model.class_names = ckpt.class_names
+        return model

@@ -1,0 +1,435 @@
+"""Weights of mmdetection 3.x and of the original SOLO repository for ``SOLO.from_mmdet``.
+
+Two public checkpoint layouts exist for the SOLO family:
+
+- **mmdetection** (2.x and 3.x; ``mmdet/models/dense_heads/solo_head.py``,
+  ``solov2_head.py``): detector attributes ``backbone``, ``neck`` and ``mask_head``.
+  solo_fast names its modules after mmdetection's (ResNet = torchvision names, FPN
+  ``lateral_convs.i.conv`` / ``fpn_convs.i.conv``, ConvModule ``conv`` / ``gn``, head
+  ``cls_convs``, ``mask_convs``, ``conv_mask_list``, ``conv_cls``, ``kernel_convs``,
+  ``conv_kernel``, ``mask_feature_head.convs_all_levels.i.convj``, ...), so every key keeps
+  its name.
+- **the original SOLO repository** (WXinlong/SOLO, built on mmdetection 1.x;
+  ``mmdet/models/anchor_heads/*solo*_head.py``, ``mmdet/models/mask_heads/mask_feat_head.py``):
+  the head is the detector's ``bbox_head`` with other layer names, and SOLOv2's
+  mask-feature branch is a separate top-level ``mask_feat_head``. :data:`SOLO_REPO_RULES`
+  renames them.
+
+Background class: both layouts have exactly one class-conv row per foreground class, row
+``k`` scoring (0-based, contiguous) class ``k``. mmdetection counts ``num_classes`` that
+way (80 for COCO). The SOLO repository sets ``num_classes=81`` in its configs, counting
+the background, but its class conv has ``cate_out_channels = num_classes - 1`` rows (its
+focal loss takes 1-based labels with 0 = background, and label ``k`` trains row ``k - 1``),
+so there is no background row to drop and no shift. solo_fast's ``num_classes`` always
+counts foreground classes only: it is read from the class conv's rows, and an explicit
+``num_classes`` that disagrees (e.g. 81 for a COCO checkpoint) raises a ``ValueError``
+that says so.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import os
+import pickle
+import re
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Optional, Tuple
+
+import torch
+
+from . import configs
+from .backbone import ARCHS, Bottleneck
+
+# ---------------------------------------------------------------------------- key rules
+
+# The original SOLO repository -> solo_fast, applied to the start of each key, first match
+# wins (``ins_convs\.`` cannot match ``ins_convs_x.``). ``backbone.*`` (mmdetection 1.x
+# ResNet: conv1/bn1/layerN.i.{conv,bn}K/downsample.{0,1}) and ``neck.*`` (FPN
+# lateral_convs/fpn_convs, ConvModule ``conv``) already have our names.
+SOLO_REPO_RULES: List[Tuple[str, str]] = [
+    # SOLO and Decoupled SOLO Light: the CoordConv mask tower (first conv has C + 2 inputs).
+    (r"bbox_head\.ins_convs\.", "mask_head.mask_convs."),
+    # Decoupled SOLO: one tower per coordinate (first conv has C + 1 inputs).
+    (r"bbox_head\.ins_convs_x\.", "mask_head.mask_convs_x."),
+    (r"bbox_head\.ins_convs_y\.", "mask_head.mask_convs_y."),
+    # Class branch of every head ("cate" = category).
+    (r"bbox_head\.cate_convs\.", "mask_head.cls_convs."),
+    (r"bbox_head\.(?:solo|dsolo)_cate\.", "mask_head.conv_cls."),
+    # SOLO: the per-level 1x1 convs to S^2 masks.
+    (r"bbox_head\.solo_ins_list\.", "mask_head.conv_mask_list."),
+    # Decoupled SOLO (and Light): the per-level 3x3 convs to S x-maps and S y-maps.
+    (r"bbox_head\.dsolo_ins_list_x\.", "mask_head.conv_mask_list_x."),
+    (r"bbox_head\.dsolo_ins_list_y\.", "mask_head.conv_mask_list_y."),
+    # SOLOv2 (and Light): the kernel branch.
+    (r"bbox_head\.kernel_convs\.", "mask_head.kernel_convs."),
+    (r"bbox_head\.solo_kernel\.", "mask_head.conv_kernel."),
+    # SOLOv2's mask-feature branch is a top-level module there; its conv_pred is an
+    # nn.Sequential holding one ConvModule (hence the ".0").
+    (r"mask_feat_head\.conv_pred\.0\.", "mask_head.mask_feature_head.conv_pred."),
+    (r"mask_feat_head\.convs_all_levels\.", "mask_head.mask_feature_head.convs_all_levels."),
+]
+_SOLO_REPO_RULES = [(re.compile(pattern), repl) for pattern, repl in SOLO_REPO_RULES]
+
+FORMATS = {"mmdet": "mmdetection (keys 'mask_head.*')",
+           "solo": "the original SOLO repository (keys 'bbox_head.*', 'mask_feat_head.*')"}
+HEAD_NAMES = {"solo": "SOLO", "decoupled": "Decoupled SOLO", "decoupled_light": "Decoupled SOLO Light",
+              "solov2": "SOLOv2"}
+
+# Checkpoint keys that carry nothing for solo_fast: mmengine's data preprocessor
+# (mean/std, which our InputTransform owns).
+_IGNORED_PREFIXES = ("data_preprocessor.",)
+
+# numpy scalars and dtypes turn up in mmcv checkpoint metadata (e.g. a best score); they
+# hold plain numbers, so they are allowed in addition to torch.load's weights_only set.
+@functools.lru_cache(maxsize=1)
+def _numpy_safe_globals() -> Optional[tuple]:
+    if not hasattr(torch.serialization, "safe_globals"):  # torch 2.4: only the default set
+        return None
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover - numpy ships with torch in practice
+        return None
+    core = getattr(np, "_core", None) or np.core  # numpy 2.x, numpy 1.x
+    scalar = core.multiarray.scalar
+    # numpy >= 1.25 pickles a dtype's class (numpy.dtypes.Float64DType, ...) too; object
+    # and structured dtypes, which could wrap arbitrary objects, stay refused.
+    plain = [np.dtype] + [getattr(np.dtypes, n) for n in dir(getattr(np, "dtypes", None))
+                          if n.endswith("DType") and n not in ("ObjectDType", "VoidDType")]
+    # Files written under numpy 1.x name the scalar "numpy.core...", under 2.x "numpy._core...";
+    # the (object, name) form of the allowlist takes both, where this torch supports it.
+    both = [(scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar")] + plain
+    probe = io.BytesIO()
+    torch.save({"x": np.float64(0.5)}, probe)
+    try:
+        probe.seek(0)
+        with torch.serialization.safe_globals(both):
+            torch.load(probe, weights_only=True)
+        return tuple(both)
+    except Exception:
+        return tuple([scalar] + plain)
+
+
+@dataclass
+class LoadReport:
+    """What :meth:`SOLO.from_mmdet` did with a checkpoint (``model.load_report``)."""
+
+    format: str  # "mmdet" or "solo"
+    missing: List[str] = field(default_factory=list)  # solo_fast keys left at their initial values
+    unexpected: List[str] = field(default_factory=list)  # checkpoint keys (their own names) not loaded
+    ignored: List[str] = field(default_factory=list)  # checkpoint entries skipped on purpose (no weights)
+
+    def __str__(self) -> str:
+        def listed(keys: List[str]) -> str:
+            more = f" and {len(keys) - 10} more" if len(keys) > 10 else ""
+            return f"{keys[:10]}{more}"
+
+        return (f"format {self.format!r}: {len(self.missing)} missing key(s) {listed(self.missing)}, "
+                f"{len(self.unexpected)} unexpected key(s) {listed(self.unexpected)}")
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint's tensors under solo_fast names, and where each came from."""
+
+    path: str
+    format: str
+    state: Dict[str, torch.Tensor]  # solo_fast key -> tensor
+    source: Dict[str, str]  # solo_fast key -> key in the checkpoint
+    unmapped: List[str]  # checkpoint keys with no solo_fast counterpart
+    ignored: List[str]
+    class_names: Optional[List[str]] = None
+
+    def name(self, key: str) -> str:
+        """The checkpoint's own name of a solo_fast key (for messages)."""
+        src = self.source.get(key, key)
+        return src if src == key else f"{src} (solo_fast: {key})"
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+def read_checkpoint(path) -> Checkpoint:
+    """Loads ``path`` (``.pth``/``.pt`` via ``torch.load(weights_only=True)``, or
+    ``.safetensors``) and renames its keys to solo_fast's."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise ValueError(f"path: expected the path of a checkpoint file, got {type(path).__name__}")
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"path: no checkpoint at {path!r}")
+    raw, meta = _load_file(path)
+    state, ignored = _state_dict_of(raw, path)
+    fmt = detect_format(state, path)
+    converted, source, unmapped = {}, {}, []
+    for key, tensor in state.items():
+        if key.startswith(_IGNORED_PREFIXES):
+            ignored.append(key)
+            continue
+        new = convert_key(key, fmt)
+        if new is None:
+            unmapped.append(key)
+        else:
+            converted[new] = tensor
+            source[new] = key
+    if not any(k.startswith("mask_head.") for k in converted):
+        raise ValueError(f"path: {path!r} is not a SOLO-family checkpoint: none of its 'bbox_head.*' keys is a "
+                         f"layer of the SOLO repository's heads (e.g. {sorted(unmapped)[:3]})")
+    return Checkpoint(path, fmt, converted, source, unmapped, ignored, _class_names(meta))
+
+
+def _load_file(path: str):
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(path, device="cpu"), None
+        except Exception as e:  # safetensors raises its own error types
+            raise ValueError(f"path: {path!r} is not a readable safetensors file ({e})") from e
+    allow = _numpy_safe_globals()
+    try:
+        with torch.serialization.safe_globals(list(allow)) if allow else contextlib.nullcontext():
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's message ends with the unpickler's own reason; refused globals (classes,
+        # functions) mean a checkpoint with Python objects, anything else a file that is no
+        # checkpoint at all (e.g. "Unsupported operand" on text).
+        detail = str(e).split("WeightsUnpickler error:")[-1].split("Check the documentation")[0].strip()
+        found = _unsafe_globals(path)
+        if not found and not re.search(r"global|can only build", detail, re.IGNORECASE):
+            raise ValueError(f"path: {path!r} is not a PyTorch checkpoint ({detail or e})") from e
+        raise ValueError(
+            f"path: {path!r} holds Python objects that torch.load(weights_only=True) refuses to load"
+            f" ({', '.join(found) if found else detail}); from_mmdet loads no code from a checkpoint. "
+            "If you trust the file, keep only its weights: torch.save(torch.load(path, weights_only=False)"
+            "['state_dict'], 'weights.pth')") from e
+    except Exception as e:  # not a zip or pickle at all: KeyError, EOFError, RuntimeError, ...
+        raise ValueError(f"path: {path!r} is not a PyTorch checkpoint ({type(e).__name__}: {e})") from e
+    meta = obj.get("meta") if isinstance(obj, dict) else None
+    return obj, meta
+
+
+def _unsafe_globals(path: str) -> List[str]:
+    try:
+        return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # legacy (non-zip) files, older torch
+        return []
+
+
+def _state_dict_of(obj, path: str) -> Tuple[Dict[str, torch.Tensor], List[str]]:
+    """The weights of a checkpoint: ``obj["state_dict"]`` (mmcv/mmengine), or ``obj`` itself."""
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        what = f"a dict with keys {sorted(map(str, obj))[:8]}" if isinstance(obj, dict) else type(obj).__name__
+        raise ValueError(f"path: {path!r} is not a checkpoint: expected a state dict of tensors or a dict with "
+                         f"a 'state_dict' entry, got {what}")
+    state = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    ignored = [str(k) for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    # Saved from a DataParallel/DDP wrapper: every key starts with "module.".
+    if all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state, ignored
+
+
+def _class_names(meta) -> Optional[List[str]]:
+    """Class names from mmcv (``meta["CLASSES"]``) or mmengine (``meta["dataset_meta"]["classes"]``)."""
+    if not isinstance(meta, dict):
+        return None
+    names = meta.get("CLASSES")
+    if names is None and isinstance(meta.get("dataset_meta"), dict):
+        names = meta["dataset_meta"].get("classes")
+    if isinstance(names, (list, tuple)) and names and all(isinstance(n, str) for n in names):
+        return list(names)
+    return None
+
+
+# ---------------------------------------------------------------------------- naming
+
+
+def detect_format(state: Dict[str, torch.Tensor], path: str = "checkpoint") -> str:
+    """``"mmdet"`` when the head is ``mask_head.*``, ``"solo"`` when it is ``bbox_head.*``."""
+    mmdet = any(k.startswith("mask_head.") for k in state)
+    solo = any(k.startswith(("bbox_head.", "mask_feat_head.")) for k in state)
+    if mmdet and solo:
+        raise ValueError(f"path: {path!r} has both 'mask_head.*' (mmdetection) and 'bbox_head.*' (SOLO "
+                         "repository) keys; expected one layout")
+    if not (mmdet or solo):
+        heads = sorted({k.split(".")[0] for k in state})
+        raise ValueError(f"path: {path!r} is not a SOLO-family checkpoint: expected the head under 'mask_head.' "
+                         f"(mmdetection) or 'bbox_head.' (original SOLO repository), found top-level modules {heads}")
+    return "mmdet" if mmdet else "solo"
+
+
+def convert_key(key: str, fmt: str) -> Optional[str]:
+    """solo_fast's name of a checkpoint key, or None when it has none."""
+    if key.startswith(("backbone.", "neck.")):
+        return key
+    if fmt == "mmdet":
+        return key if key.startswith("mask_head.") else None
+    for pattern, repl in _SOLO_REPO_RULES:
+        m = pattern.match(key)
+        if m:
+            return repl + key[m.end():]
+    return None
+
+
+# ---------------------------------------------------------------------------- architecture
+
+
+def _first(keys: Iterable[str], *prefixes: str) -> Optional[str]:
+    return next((k for k in sorted(keys) if k.startswith(prefixes)), None)
+
+
+def _head_kind(state: Dict[str, torch.Tensor]) -> Tuple[Optional[str], Optional[str]]:
+    """(head kind as in configs: solo / decoupled / decoupled_light / solov2, a key that shows it)."""
+    keys = list(state)
+    key = _first(keys, "mask_head.conv_kernel.", "mask_head.kernel_convs.", "mask_head.mask_feature_head.")
+    if key:
+        return "solov2", key
+    key = _first(keys, "mask_head.conv_mask_list_x.", "mask_head.conv_mask_list_y.", "mask_head.mask_convs_x.",
+                 "mask_head.mask_convs_y.")
+    if key:
+        shared = _first(keys, "mask_head.mask_convs.")  # Light: one tower for both coordinates
+        return ("decoupled_light", shared) if shared else ("decoupled", key)
+    key = _first(keys, "mask_head.conv_mask_list.", "mask_head.mask_convs.")
+    if key:
+        return "solo", key
+    return None, None
+
+
+def _blocks(state: Dict[str, torch.Tensor]) -> Optional[Tuple[type, Tuple[int, ...], str]]:
+    """(block type, blocks per stage, a key of the deepest block) of the checkpoint's ResNet."""
+    counts, last = [], None
+    for stage in range(1, 5):
+        idx = {int(m.group(1)) for k in state for m in [re.match(rf"backbone\.layer{stage}\.(\d+)\.", k)] if m}
+        if not idx:
+            return None
+        counts.append(max(idx) + 1)
+        last = _first(state, f"backbone.layer{stage}.{max(idx)}.")
+    block = Bottleneck if any(re.match(r"backbone\.layer\d+\.\d+\.conv3\.", k) for k in state) else None
+    return block, tuple(counts), last
+
+
+def _depth_of(state: Dict[str, torch.Tensor]) -> Tuple[Optional[int], Optional[str], str]:
+    found = _blocks(state)
+    if found is None:
+        return None, None, ""
+    block, counts, key = found
+    kind = "Bottleneck" if block is Bottleneck else "BasicBlock"
+    for depth, (arch_block, arch_counts) in ARCHS.items():
+        if (arch_block is Bottleneck) == (block is Bottleneck) and tuple(arch_counts) == counts:
+            return depth, key, f"ResNet-{depth}"
+    return -1, key, f"a ResNet of {kind}s {counts}"
+
+
+def _stacked_convs(state: Dict[str, torch.Tensor]) -> Tuple[Optional[int], Optional[str]]:
+    idx = {int(m.group(1)) for k in state for m in [re.match(r"mask_head\.cls_convs\.(\d+)\.", k)] if m}
+    if not idx:
+        return None, None
+    return max(idx) + 1, _first(state, f"mask_head.cls_convs.{max(idx)}.")
+
+
+def _arch_of(state: Dict[str, torch.Tensor]) -> Dict[str, object]:
+    """The architecture settings a checkpoint shows (those it shows), as in :data:`configs.CONFIGS`."""
+    arch: Dict[str, object] = {}
+    head, _ = _head_kind(state)
+    if head:
+        arch["head"] = head
+    depth, _, _ = _depth_of(state)
+    if depth:
+        arch["depth"] = depth
+    n, _ = _stacked_convs(state)
+    if n:
+        arch["stacked_convs"] = n
+    if "mask_head.cls_convs.0.conv.weight" in state:
+        arch["feat_channels"] = state["mask_head.cls_convs.0.conv.weight"].shape[0]
+    if "mask_head.conv_kernel.weight" in state:
+        arch["mask_out_channels"] = state["mask_head.conv_kernel.weight"].shape[0]
+    return arch
+
+
+def _suggest(ckpt: Checkpoint) -> str:
+    arch = _arch_of(ckpt.state)
+    names = [n for n, c in configs.CONFIGS.items() if all(c.get(k) == v for k, v in arch.items())]
+    if not names:
+        return ""
+    return f"; it looks like a checkpoint for {' or '.join(repr(n) for n in names)}"
+
+
+def num_classes_of(ckpt: Checkpoint, num_classes: Optional[int]) -> int:
+    """``num_classes`` from the class conv's rows (one per foreground class in both layouts),
+    checked against an explicit value."""
+    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
+                                    or num_classes <= 0):
+        raise ValueError(f"num_classes: expected a positive int or None, got {num_classes!r}")
+    w = ckpt.state.get("mask_head.conv_cls.weight")
+    if w is None:
+        if num_classes is None:
+            raise ValueError(f"num_classes: {ckpt.path!r} has no class conv to read the number of classes from; "
+                             "pass num_classes")
+        return num_classes
+    rows = int(w.shape[0])
+    if num_classes is None or num_classes == rows:
+        return rows
+    hint = ""
+    if num_classes == rows + 1:
+        hint = (" solo_fast's num_classes counts foreground classes only; "
+                + ("the SOLO repository's configs count the background too (num_classes=81 for COCO) but its "
+                   "class conv has num_classes - 1 rows, with no background row."
+                   if ckpt.format == "solo" else "the class conv has no background row."))
+    raise ValueError(f"num_classes: {ckpt.name('mask_head.conv_cls.weight')} has {rows} rows, a checkpoint for "
+                     f"num_classes={rows}, got num_classes={num_classes}.{hint} Pass num_classes={rows} or leave it "
+                     "None.")
+
+
+def check_architecture(ckpt: Checkpoint, cfg: dict) -> None:
+    """ValueError when the checkpoint is for another head, backbone depth or tower depth."""
+    name = cfg["name"]
+    head, key = _head_kind(ckpt.state)
+    if head is not None and head != cfg["head"]:
+        raise ValueError(f"config: {ckpt.path!r} has a {HEAD_NAMES[head]} head (key {ckpt.source[key]!r}), config "
+                         f"{name!r} has a {HEAD_NAMES[cfg['head']]} head{_suggest(ckpt)}")
+    depth, key, desc = _depth_of(ckpt.state)
+    if depth is not None and depth != cfg["depth"]:
+        raise ValueError(f"config: {ckpt.path!r} has {desc} as backbone (key {ckpt.source[key]!r}), config "
+                         f"{name!r} has ResNet-{cfg['depth']}{_suggest(ckpt)}")
+    n, key = _stacked_convs(ckpt.state)
+    if n is not None and n != cfg["stacked_convs"]:
+        raise ValueError(f"config: {ckpt.path!r} has {n} stacked head convs (key {ckpt.source[key]!r}), config "
+                         f"{name!r} has {cfg['stacked_convs']}{_suggest(ckpt)}")
+    dcn = next((k for k in sorted(ckpt.source.values()) if ".conv_offset." in k), None)
+    if dcn is not None:
+        raise ValueError(f"config: {ckpt.path!r} uses deformable convolutions (key {dcn!r}), which no solo_fast "
+                         "config has")
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def load_into(model: torch.nn.Module, ckpt: Checkpoint, strict: bool = False) -> LoadReport:
+    """Copies the checkpoint's tensors into ``model`` after checking every shape; returns
+    what was missing and unexpected (``strict=True``: ValueError when anything was)."""
+    check_architecture(ckpt, model.cfg)
+    ours = model.state_dict()
+    mismatched = [k for k, v in ckpt.state.items() if k in ours and tuple(v.shape) != tuple(ours[k].shape)]
+    if mismatched:
+        k = mismatched[0]
+        more = f" (and {len(mismatched) - 1} more key(s) of other shapes)" if len(mismatched) > 1 else ""
+        raise ValueError(
+            f"config: {ckpt.path!r} is a checkpoint for another config: key {ckpt.name(k)} has shape "
+            f"{tuple(ckpt.state[k].shape)}, config {model.cfg['name']!r} with num_classes={model.cfg['num_classes']} "
+            f"expects {tuple(ours[k].shape)}{more}{_suggest(ckpt)}")
+    matched = {k: v for k, v in ckpt.state.items() if k in ours}
+    report = LoadReport(
+        format=ckpt.format,
+        # BatchNorm's batch counter is not a weight (norm_eval never updates it); older
+        # checkpoints lack it, which is no reason to report the model as incomplete.
+        missing=[k for k in ours if k not in matched and not k.endswith("num_batches_tracked")],
+        unexpected=sorted(ckpt.unmapped + [ckpt.source[k] for k in ckpt.state if k not in ours]),
+        ignored=list(ckpt.ignored),
+    )
+    if strict and (report.missing or report.unexpected):
+        raise ValueError(f"strict: {ckpt.path!r} does not match config {model.cfg['name']!r} exactly: {report}")
+    with torch.no_grad():
+        model.load_state_dict(matched, strict=False)
+    return report
