@@ -1,4 +1,4 @@
-"""Command line: ``solo-fast train | eval | predict | demo`` (also ``python -m solo_fast ...``)."""
+"""Command line: ``solo-fast train | eval | predict | demo | export`` (also ``python -m solo_fast ...``)."""
 from __future__ import annotations
 
 import argparse
@@ -80,6 +80,38 @@ def cmd_predict(args) -> int:
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(coco, f)
     print(f"wrote {len(paths)} overlays and results.json to {args.out}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from solo_fast.export import export_onnx, export_program
+
+    for flag, v in (("--height", args.height), ("--width", args.width)):
+        if v <= 0:
+            raise ValueError(f"{flag}: expected a positive number of pixels, got {v}")
+    if args.format in ("onnx", "both"):
+        try:
+            import onnx  # noqa: F401
+            import onnxscript  # noqa: F401
+        except ImportError:
+            raise ValueError(f"--format {args.format}: ONNX export needs onnx and onnxscript "
+                             "(pip install 'solo_fast[export]'), or use --format torch") from None
+    model = _load_checkpoint(args.checkpoint) if args.checkpoint else _model(args)
+    settings = {k: v for k, v in (("score_thr", args.score_thr), ("max_per_img", args.max_per_img)) if v is not None}
+    program = export_program(model, (args.height, args.width), topk=args.topk, **settings)
+    os.makedirs(args.out, exist_ok=True)
+    written = []
+    if args.format in ("torch", "both"):
+        import torch
+
+        path = os.path.join(args.out, "model.pt2")
+        torch.export.save(program, path)
+        written.append(path)
+    if args.format in ("onnx", "both"):
+        written.append(export_onnx(program, os.path.join(args.out, "model.onnx")))
+    print(f"{model.config_name} at {args.height}x{args.width}: input image float32 [1, 3, {args.height}, "
+          f"{args.width}] in [0, 1]; outputs masks, scores, labels, num_valid")
+    print("wrote " + ", ".join(written))
     return 0
 
 
@@ -261,6 +293,18 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--score-thr", type=float, default=0.1)
     q.add_argument("--draw-thr", type=float, default=0.3)
     q.set_defaults(func=cmd_predict)
+    x = sub.add_parser("export", help="export inference at a fixed input size: torch.export program and/or ONNX")
+    x.add_argument("--checkpoint", help="a .safetensors file written by SOLO.save_pretrained")
+    x.add_argument("--config", default="solov2_r50_fpn", help="config name when no checkpoint is given")
+    x.add_argument("--num-classes", type=int, default=80)
+    x.add_argument("--height", type=int, required=True, help="input image height (fixed in the export)")
+    x.add_argument("--width", type=int, required=True, help="input image width (fixed in the export)")
+    x.add_argument("--out", default="out/export", help="output folder: model.onnx and/or model.pt2")
+    x.add_argument("--format", choices=("onnx", "torch", "both"), default="both")
+    x.add_argument("--topk", type=int, default=None, help="(cell, class) pairs whose masks are computed (default: nms_pre)")
+    x.add_argument("--score-thr", type=float, default=None, help="default: the model's (0.1)")
+    x.add_argument("--max-per-img", type=int, default=None, help="fixed number of outputs (default: 100)")
+    x.set_defaults(func=cmd_export)
     return p
 
 

@@ -1,0 +1,289 @@
+"""Export of inference at a fixed input size: a ``torch.export`` program and an ONNX file.
+
+:class:`ExportableSOLO` wraps a :class:`solo_fast.SOLO` into a module whose every shape is
+fixed by the input size, so ``torch.export`` and torch's dynamo ONNX exporter can trace it:
+
+- input: ``image`` float32 ``[1, 3, H0, W0]``, RGB in [0, 1] at the export size (what
+  :meth:`SOLO.predict` takes as a CHW tensor, with a batch axis). The model's own transform
+  (resize keeping the ratio, ImageNet normalisation, pad to a multiple of 32) runs inside,
+  with sizes fixed at export time;
+- outputs: ``masks`` bool ``[max_per_img, H0, W0]``, ``scores`` float32 ``[max_per_img]``
+  (descending), ``labels`` int64 ``[max_per_img]`` and ``num_valid`` int64 (a scalar): the
+  first ``num_valid`` entries are the detections; the rest have score 0, label -1 and an
+  empty mask.
+
+Post-processing (DESIGN.md §1) in static shapes, pure PyTorch (the reference path: the
+custom C++/Triton ops are invisible to the exporters): point NMS; the ``topk`` best
+(cell, class) pairs by class score; ``score_thr`` and the "area > stride" rule become a
+validity mask instead of dropping entries; score × maskness; the best ``nms_pre`` valid
+ones go to Matrix NMS (invalid ones are sorted last, where they cannot decay a valid one);
+``filter_thr`` masks again; the best ``max_per_img`` are kept. For valid entries this is
+the function :meth:`SOLO.predict` computes whenever at most ``topk`` pairs score over
+``score_thr`` (``topk`` defaults to ``nms_pre``, 500); past that, the lowest-scored
+surplus pairs are dropped before the maskness re-weighting, where ``predict`` keeps them.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._backend import use_backend
+from .modeling.heads import DecoupledSOLOHead, SOLOHead, SOLOV2Head
+from .modeling.postprocess import flat_scores
+from .modeling.transform import rescaled_size
+from .ops.reference import mask_stats, matrix_decay
+
+OUTPUT_NAMES = ("masks", "scores", "labels", "num_valid")
+
+
+def _check_size(input_size) -> Tuple[int, int]:
+    if (
+        not isinstance(input_size, (tuple, list))
+        or len(input_size) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in input_size)
+    ):
+        raise ValueError(f"input_size: expected (height, width) of positive ints, got {input_size!r}")
+    return int(input_size[0]), int(input_size[1])
+
+
+def stable_argsort_desc(key: torch.Tensor, k: int) -> torch.Tensor:
+    """First ``k`` indices of a stable descending sort of the 1-D ``key`` (ties: lower index
+    first), as ``torch.sort(stable=True)``, which the ONNX exporter cannot translate.
+
+    Each entry's rank in that order is counted from an N×N comparison (N ≤ nms_pre-sized
+    here, the size of Matrix NMS's own matrices); the ranks are distinct, so ``topk`` over
+    them is exact whatever its own tie order.
+    """
+    n = key.shape[0]
+    idx = torch.arange(n, device=key.device)
+    before = (key[None, :] > key[:, None]) | ((key[None, :] == key[:, None]) & (idx[None, :] < idx[:, None]))
+    rank = before.sum(1)
+    return torch.topk(rank, k, largest=False).indices
+
+
+def _check_model(model):
+    from .modeling.solo import SOLO
+
+    if not isinstance(model, SOLO):
+        raise ValueError(f"model: expected a solo_fast.SOLO, got {type(model).__name__}")
+    return model
+
+
+class ExportableSOLO(nn.Module):
+    """Inference of ``model`` on one image of size ``input_size`` = (H0, W0), in static shapes.
+
+    ``forward(image)``: float ``[1, 3, H0, W0]`` in [0, 1] -> ``(masks, scores, labels,
+    num_valid)`` (see the module docstring). ``topk``: (cell, class) pairs whose masks are
+    computed (default ``nms_pre``, capped at the number of pairs); ``score_thr``,
+    ``mask_thr``, ``nms_pre``, ``filter_thr``, ``max_per_img`` override the model's
+    inference settings, as in :meth:`SOLO.predict`.
+    """
+
+    def __init__(self, model, input_size: Sequence[int], *, topk: Optional[int] = None, **overrides):
+        super().__init__()
+        model = _check_model(model)
+        self.input_size = _check_size(input_size)
+        cfg = model._test_cfg(**overrides)  # validates the overrides (ValueError naming the key)
+        if topk is not None and (isinstance(topk, bool) or not isinstance(topk, int) or topk <= 0):
+            raise ValueError(f"topk: expected a positive int, got {topk!r}")
+        head = model.mask_head
+        if not isinstance(head, (SOLOHead, DecoupledSOLOHead, SOLOV2Head)):
+            raise ValueError(f"model: no static export for head {type(head).__name__}")
+        self.model = model
+        self.head = head
+        self.score_thr = float(cfg["score_thr"])
+        self.mask_thr = float(cfg["mask_thr"])
+        self.filter_thr = float(cfg["filter_thr"])
+        self.kernel = cfg["nms_kernel"]
+        self.sigma = float(cfg["nms_sigma"])
+        self.max_per_img = int(cfg["max_per_img"])
+
+        # Sizes of the model's input transform for this input size, fixed now.
+        tf = model.transform
+        h0, w0 = self.input_size
+        self.img_shape = rescaled_size(h0, w0, tf.min_size[-1], tf.max_size)
+        d = tf.size_divisor
+        self.pad_shape = (-(-self.img_shape[0] // d) * d, -(-self.img_shape[1] // d) * d)
+        H, W = self.pad_shape
+        if H < 32 or W < 32:
+            raise ValueError(f"input_size: {tuple(input_size)} gives a padded input of {self.pad_shape}; "
+                             "expected at least 32x32")
+        self.mask_size = (H // 4, W // 4)
+
+        grids = list(head.num_grids)
+        C = head.num_classes
+        num_pairs = sum(S * S for S in grids) * C
+        self.topk = min(int(topk if topk is not None else cfg["nms_pre"]), num_pairs)
+        self.nms_pre = min(int(cfg["nms_pre"]), self.topk)
+        self.num_out = min(self.max_per_img, self.nms_pre)
+
+        level, local, yrow, xcol = [], [], [], []
+        offset = 0
+        for lvl, S in enumerate(grids):
+            q = torch.arange(S * S)
+            level.append(torch.full((S * S,), lvl))
+            local.append(q)
+            yrow.append(offset + q // S)  # Decoupled SOLO: row of y_i and x_j among all levels' maps
+            xcol.append(offset + q % S)
+            offset += S
+        dev = model.device
+        self.register_buffer("cell_level", torch.cat(level).to(dev), persistent=False)
+        self.register_buffer("cell_local", torch.cat(local).to(dev), persistent=False)
+        self.register_buffer("cell_y", torch.cat(yrow).to(dev), persistent=False)
+        self.register_buffer("cell_x", torch.cat(xcol).to(dev), persistent=False)
+        strides = torch.tensor([float(s) for s in cfg["strides"]])
+        self.register_buffer("cell_stride", strides[torch.cat(level)].to(dev), persistent=False)
+        self.register_buffer("mean", tf.mean.view(1, 3, 1, 1).to(dev), persistent=False)
+        self.register_buffer("std", tf.std.view(1, 3, 1, 1).to(dev), persistent=False)
+
+    # ------------------------------------------------------------------ pieces
+    def _preprocess(self, image: torch.Tensor) -> torch.Tensor:
+        h, w = self.img_shape
+        H, W = self.pad_shape
+        x = image.float() * 255.0
+        if (h, w) != self.input_size:
+            x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
+        x = (x - self.mean) / self.std
+        return F.pad(x, (0, W - w, 0, H - h))
+
+    def _resize(self, x: torch.Tensor) -> torch.Tensor:
+        if tuple(x.shape[-2:]) == self.mask_size:
+            return x
+        return F.interpolate(x, size=self.mask_size, mode="bilinear", align_corners=False)
+
+    def _soft_masks(self, out, cells: torch.Tensor) -> torch.Tensor:
+        """Soft masks [K, H/4, W/4] of the flat cells ``cells`` (any levels), as the heads'
+        ``candidate_masks`` compute them."""
+        head = self.head
+        if isinstance(head, SOLOV2Head):
+            feats = out["mask_feats"][0]
+            e, h, w = feats.shape
+            kernels = torch.cat([k[0].reshape(k.shape[1], -1) for k in out["kernels"]], 1)  # [E, ΣS²]
+            logits = kernels[:, cells].t().float() @ feats.reshape(e, h * w).float()
+            return logits.sigmoid().reshape(-1, h, w)
+        if isinstance(head, DecoupledSOLOHead):
+            # As published: each factor is upsampled to stride 4, then multiplied.
+            sy = torch.cat([self._resize(y[0:1].sigmoid())[0] for y in out["mask_y"]])  # [ΣS, h, w]
+            sx = torch.cat([self._resize(x[0:1].sigmoid())[0] for x in out["mask_x"]])
+            return sy[self.cell_y[cells]] * sx[self.cell_x[cells]]
+        # SOLO: rows ``cells`` of each level's 1×1 mask conv on that level's features; each
+        # candidate takes the masks of its own level.
+        levels = self.cell_level[cells]
+        local = self.cell_local[cells]
+        soft = None
+        for lvl, S in enumerate(head.num_grids):
+            feat = out["mask_feat"][lvl][0]
+            c, h, w = feat.shape
+            conv = head.conv_mask_list[lvl]
+            rows = local.clamp(max=S * S - 1)
+            logits = conv.weight[rows, :, 0, 0] @ feat.reshape(c, h * w) + conv.bias[rows, None]
+            lvl_soft = self._resize(logits.sigmoid().reshape(1, -1, h, w))[0]
+            mine = (levels == lvl)[:, None, None]
+            soft = torch.where(mine, lvl_soft, 0.0) if soft is None else torch.where(mine, lvl_soft, soft)
+        return soft
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, image: torch.Tensor):
+        h0, w0 = self.input_size
+        h, w = self.img_shape
+        H, W = self.pad_shape
+        with use_backend("reference"):
+            out = self.model.extract(self._preprocess(image))
+        probs = flat_scores(out["cls"])[0]  # [ΣS², C], point-NMS'd
+        C = probs.shape[1]
+        flat = probs.reshape(-1)  # pair p = cell * C + class: the candidate order of predict
+        pairs = torch.topk(flat, self.topk).indices
+        # Back to candidate order (pairs are distinct: no ties), so ties break as in predict.
+        pairs = torch.topk(pairs, self.topk, largest=False).values
+        cand = flat[pairs]
+        cells, labels = pairs // C, pairs % C
+        soft, binary, area, maskness = mask_stats(self._soft_masks(out, cells), self.mask_thr)
+        valid = (cand > self.score_thr) & (area.float() > self.cell_stride[cells])
+        cand = cand * maskness.to(cand.dtype)
+        # Valid scores are > 0, so invalid entries (-1) sort last: in Matrix NMS a mask is
+        # decayed only by higher-scored ones, so they leave every valid entry unchanged.
+        order = stable_argsort_desc(torch.where(valid, cand, -1.0), self.nms_pre)
+        s, lab, valid = cand[order], labels[order], valid[order]
+        decay = matrix_decay(binary[order], lab, area[order], self.kernel, self.sigma)
+        s = s * decay
+        if self.filter_thr > 0:
+            valid = valid & (s >= self.filter_thr)
+        keep = stable_argsort_desc(torch.where(valid, s, -1.0), self.num_out)
+        valid = valid[keep]
+        scores = torch.where(valid, s[keep], 0.0)
+        labels = torch.where(valid, lab[keep], -1)
+        # Soft masks: stride 4 -> padded input, crop the image, resize to the input size.
+        m = soft[order[keep]][None]
+        m = F.interpolate(m, size=(H, W), mode="bilinear", align_corners=False)[:, :, :h, :w]
+        if (h, w) != (h0, w0):
+            m = F.interpolate(m, size=(h0, w0), mode="bilinear", align_corners=False)
+        masks = (m[0] > self.mask_thr) & valid[:, None, None]
+        num_valid = valid.sum()
+        pad = self.max_per_img - self.num_out
+        if pad > 0:  # fewer entries than max_per_img can ever be valid: fixed-size output anyway
+            masks = torch.cat([masks, masks.new_zeros((pad, h0, w0))])
+            scores = torch.cat([scores, scores.new_zeros(pad)])
+            labels = torch.cat([labels, labels.new_full((pad,), -1)])
+        return masks, scores, labels, num_valid
+
+    def example_input(self) -> torch.Tensor:
+        g = torch.Generator().manual_seed(0)
+        return torch.rand((1, 3, *self.input_size), generator=g).to(self.cell_level.device)
+
+
+# ---------------------------------------------------------------------- entry points
+def _wrap(model, input_size, topk, overrides) -> ExportableSOLO:
+    return ExportableSOLO(model, input_size, topk=topk, **overrides)
+
+
+def export_program(model, input_size: Sequence[int], *, topk: Optional[int] = None,
+                   **overrides) -> torch.export.ExportedProgram:
+    """``torch.export`` program of :class:`ExportableSOLO` (one image ``[1, 3, H0, W0]``)."""
+    wrapper = _wrap(model, input_size, topk, overrides)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return torch.export.export(wrapper, (wrapper.example_input(),), strict=False)
+    finally:
+        model.train(was_training)
+
+
+def export_onnx(model, path: str, input_size: Optional[Sequence[int]] = None, *, topk: Optional[int] = None,
+                opset_version: Optional[int] = None, **overrides) -> str:
+    """Writes an ONNX file of :class:`ExportableSOLO` (torch's dynamo exporter) to ``path``.
+
+    ``model``: a :class:`SOLO` (then ``input_size`` is required) or a program returned by
+    :func:`export_program` (converted as it is; give no ``input_size`` or settings then).
+    Input ``image`` and outputs ``masks, scores, labels, num_valid`` as described in the
+    module docstring; the weights are stored inside the file. Needs ``onnx`` and
+    ``onnxscript`` (``pip install 'solo_fast[export]'``).
+    """
+    if not isinstance(path, (str, os.PathLike)) or not str(path):
+        raise ValueError(f"path: expected a file path, got {path!r}")
+    if isinstance(model, torch.export.ExportedProgram):
+        if input_size is not None or topk is not None or overrides:
+            raise ValueError("input_size: an ExportedProgram has its size and settings already; give none")
+        program = model
+    else:
+        if input_size is None:
+            raise ValueError("input_size: expected (height, width) of positive ints, got None")
+        program = None
+        _check_model(model)
+        _check_size(input_size)
+    try:
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError:
+        raise ImportError("export_onnx needs onnx and onnxscript: pip install 'solo_fast[export]'") from None
+    if program is None:
+        program = export_program(model, input_size, topk=topk, **overrides)
+    os.makedirs(os.path.dirname(os.path.abspath(str(path))), exist_ok=True)
+    onnx_program = torch.onnx.export(program, input_names=["image"], output_names=list(OUTPUT_NAMES),
+                                     opset_version=opset_version, dynamo=True, verbose=False)
+    onnx_program.save(str(path), external_data=False)
+    return str(path)
