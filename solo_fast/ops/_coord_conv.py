@@ -23,7 +23,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ._triton_support import opaque_under_interpreter, triton_available
+from ._triton_support import lazy_triton_op, opaque_under_interpreter
 from .. import _backend
 
 
@@ -218,7 +218,8 @@ def coord_conv2d_triton(
     # (the term is rounded once, when added to the conv output), fp64 for fp64.
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     xs, ys = coord_vectors(x.shape[2], x.shape[3], coord_src_size=coord_src_size, device=x.device, dtype=acc)
-    return _triton_op()(conv, weight[:, c:], bias, xs, ys, padding, coords)
+    return _get_op()(conv, weight[:, c:], bias, xs, ys, padding, coords)
 
 
-_backend.register("coord_conv2d", "triton", triton_available)(coord_conv2d_triton)
+_triton_ready, _get_op = lazy_triton_op(_triton_op, "coord_conv2d_coords")
+_backend.register("coord_conv2d", "triton", _triton_ready)(coord_conv2d_triton)

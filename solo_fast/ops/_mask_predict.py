@@ -27,7 +27,7 @@ import torch
 
 from .. import _backend
 from . import reference
-from ._triton_support import interpreting, opaque_under_interpreter, triton_available
+from ._triton_support import interpreting, lazy_triton_op, opaque_under_interpreter
 
 # Bound on the CPU path's one temporary (the maskness product), in fp32 elements: 64 MB.
 # Fewer, larger chunks rather than many small ones: each chunk is two parallel regions,
@@ -142,7 +142,12 @@ def _triton_op():
         return (features.new_empty((k, n), dtype=out_dtype), features.new_empty((k, n), dtype=torch.uint8),
                 features.new_empty((k,), dtype=torch.int32), features.new_empty((k,), dtype=torch.float32))
 
-    return opaque_under_interpreter(mask_predict_fused, fake), kern.OPERANDS
+    _OPERANDS.update(kern.OPERANDS)
+    return opaque_under_interpreter(mask_predict_fused, fake)
+
+
+# GEMM operand modes of the kernel ("ieee", "fp16", "bf16" -> its OPERAND constant), filled in by _triton_op.
+_OPERANDS: dict = {}
 
 
 def _pick_operand(features: torch.Tensor, kernels: torch.Tensor) -> str:
@@ -168,7 +173,7 @@ def mask_predict_triton(
     """``precision``: GEMM operand mode "ieee" (fp32), "fp16" or "bf16"; None picks from the input dtypes."""
     if _wants_grad(features, kernels, bias):
         return reference.mask_predict(features, kernels, bias, mask_thr=mask_thr, out_dtype=out_dtype)
-    op, operands = _triton_op()
+    op, operands = _get_op(), _OPERANDS
     if precision is None:
         precision = _pick_operand(features, kernels)
     if precision not in operands:
@@ -185,4 +190,5 @@ def mask_predict_triton(
     return soft.view(-1, h, w), binary.view(torch.bool).view(-1, h, w), area, maskness
 
 
-_backend.register("mask_predict", "triton", triton_available)(mask_predict_triton)
+_triton_ready, _get_op = lazy_triton_op(_triton_op, "mask_predict")
+_backend.register("mask_predict", "triton", _triton_ready)(mask_predict_triton)

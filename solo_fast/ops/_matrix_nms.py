@@ -16,7 +16,7 @@ import functools
 
 import torch
 
-from ._triton_support import opaque_under_interpreter, triton_available
+from ._triton_support import lazy_triton_op, opaque_under_interpreter
 from .. import _backend, _ext
 from . import reference
 
@@ -89,10 +89,11 @@ def _triton_op():
 
 def decay_triton(masks: torch.Tensor, labels: torch.Tensor, areas: torch.Tensor, kernel: str, sigma: float) -> torch.Tensor:
     """Drop-in for :func:`reference.matrix_decay` on the Triton kernels."""
-    return _triton_op()(masks, labels, areas, kernel, float(sigma))
+    return _get_op()(masks, labels, areas, kernel, float(sigma))
 
 
-_backend.register("matrix_nms", "triton", triton_available)(functools.partial(reference.matrix_nms, decay_fn=decay_triton))
+_triton_ready, _get_op = lazy_triton_op(_triton_op, "matrix_nms_decay")
+_backend.register("matrix_nms", "triton", _triton_ready)(functools.partial(reference.matrix_nms, decay_fn=decay_triton))
 
 
 # --------------------------------------------------------------------------------------

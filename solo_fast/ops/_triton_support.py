@@ -53,3 +53,28 @@ def opaque_under_interpreter(op, fake):
     op.register_fake(fake)
     op.register_torch_dispatch(FunctionalTensorMode, keep_opaque)
     return op
+
+
+def lazy_triton_op(define, name: str):
+    """(available, get) for a ``triton_op`` that ``define()`` (an ``lru_cache``'d function)
+    creates on first use, so that importing solo_fast never imports triton.
+
+    TorchDynamo cannot trace ``define`` (``triton_op`` is on its skip list, and it ignores
+    the ``lru_cache`` around it), so ``get()`` reads ``torch.ops.solo_fast.<name>`` while
+    compiling. ``available(device_type)`` defines the op, and it always runs first and
+    eagerly: the ops resolve their backend outside the traced code
+    (``torch.compiler.assume_constant_result``).
+    """
+
+    def available(device_type: str) -> bool:
+        if not triton_available(device_type):
+            return False
+        define()
+        return True
+
+    def get():
+        if torch.compiler.is_compiling():
+            return getattr(torch.ops.solo_fast, name).default
+        return define()
+
+    return available, get
