@@ -150,6 +150,20 @@ def test_train_checkpoint_log_and_resume(tmp_path):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=k)
 
 
+def test_train_adamw_and_its_resume(tmp_path):
+    data = TinyShapes(2)
+    out = tmp_path / "adamw"
+    train(small_model(), data, out_dir=str(out), epochs=1, optimizer="adamw", **{**TRAIN_KW, "lr": 1e-4})
+    state = torch.load(out / "last_state.pt", weights_only=True)
+    assert state["optimizer_name"] == "adamw"
+    assert any("exp_avg" in s for s in state["optimizer"]["state"].values())  # AdamW's moments, not SGD's buffer
+    assert json.loads((out / "config.json").read_text())["train"]["optimizer"] == "adamw"
+    with pytest.raises(ValueError, match="optimizer.*adamw"):
+        train(small_model(), data, out_dir=str(out), epochs=2, resume=True, **TRAIN_KW)  # SGD by default
+    with pytest.raises(ValueError, match="optimizer"):
+        train(small_model(), data, out_dir=str(tmp_path / "b"), epochs=1, optimizer="adam")
+
+
 def test_train_bad_input(tmp_path):
     data = TinyShapes(2)
     with pytest.raises(ValueError, match="epochs"):
