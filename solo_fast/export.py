@@ -94,7 +94,6 @@ class ExportableSOLO(nn.Module):
         if not isinstance(head, (SOLOHead, DecoupledSOLOHead, SOLOV2Head)):
             raise ValueError(f"model: no static export for head {type(head).__name__}")
         self.model = model
-        self.head = head
         self.score_thr = float(cfg["score_thr"])
         self.mask_thr = float(cfg["mask_thr"])
         self.filter_thr = float(cfg["filter_thr"])
@@ -139,6 +138,10 @@ class ExportableSOLO(nn.Module):
         self.register_buffer("cell_stride", strides[torch.cat(level)].to(dev), persistent=False)
         self.register_buffer("mean", tf.mean.view(1, 3, 1, 1).to(dev), persistent=False)
         self.register_buffer("std", tf.std.view(1, 3, 1, 1).to(dev), persistent=False)
+
+    @property
+    def head(self):
+        return self.model.mask_head
 
     # ------------------------------------------------------------------ pieces
     def _preprocess(self, image: torch.Tensor) -> torch.Tensor:
@@ -189,6 +192,11 @@ class ExportableSOLO(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, image: torch.Tensor):
         h0, w0 = self.input_size
+        if not isinstance(image, torch.Tensor) or tuple(image.shape) != (1, 3, h0, w0):
+            got = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+            raise ValueError(f"image: expected a float tensor of shape (1, 3, {h0}, {w0}) (the export size), got {got}")
+        if not image.is_floating_point():
+            raise ValueError(f"image: expected a floating-point tensor in [0, 1], got dtype {image.dtype}")
         h, w = self.img_shape
         H, W = self.pad_shape
         with use_backend("reference"):
