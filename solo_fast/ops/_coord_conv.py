@@ -133,12 +133,11 @@ def coord_conv2d_cpu(
     b, o, ho, wo = out.shape
     xs, ys = coord_vectors(x.shape[2], x.shape[3], coord_src_size=coord_src_size, device=x.device, dtype=x.dtype)
     r, t = coord_factors(weight[:, c:], xs, ys, padding=padding, coords=coords, out_size=(ho, wo))
-    if r.dtype != out.dtype:
-        # Under autocast the conv output is in the autocast dtype (bf16/fp16) while the
-        # coordinates and the weight stay fp32, and the in-place GEMM below is not
-        # autocast: its factors are rounded to the output's dtype, as the reference's
-        # autocast conv rounds the concatenated coordinate channels and the weight.
-        r, t = r.to(out.dtype), t.to(out.dtype)
+    # Under autocast the conv output is in the autocast dtype (bf16/fp16) while the
+    # coordinates follow x and the weight stays fp32, and the in-place GEMM below is not
+    # autocast: its factors are rounded to the output's dtype, as the reference's
+    # autocast conv rounds the concatenated coordinate channels and the weight.
+    r, t = r.to(out.dtype), t.to(out.dtype)
     if b > 1:
         t = t.repeat(b, 1, 1)
     # One in-place batched GEMM adds the term to the conv output: no [O, Ho, Wo] term
