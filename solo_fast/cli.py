@@ -5,7 +5,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from typing import List, Optional
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -20,32 +19,16 @@ def _model(args):
 
 
 def cmd_demo(args) -> int:
-    import torch
+    from .demo import QUICK, RECIPE, run_demo
 
-    import solo_fast
-    from solo_fast.data import draw_scene
-    from solo_fast.data.synthetic import SHAPES
+    recipe = QUICK if args.quick else RECIPE
+    if args.epochs is not None:
+        if args.epochs <= 0:
+            raise ValueError(f"--epochs: expected a positive number of epochs, got {args.epochs}")
+        from dataclasses import replace
 
-    os.makedirs(args.out, exist_ok=True)
-    torch.manual_seed(0)
-    img, masks, labels = draw_scene(args.height, args.width, num_objects=5, seed=args.seed)
-    model = solo_fast.SOLO(args.config, num_classes=len(SHAPES), min_size=args.height, max_size=max(args.height, args.width))
-    model.class_names = list(SHAPES)
-    print(f"solo_fast {solo_fast.__version__}: {args.config} on {model.device}, backend {solo_fast.current_backend()}")
-    print("NOTE: this demo runs a RANDOMLY INITIALISED model (no training yet, no pretrained weights can be "
-          "downloaded here): it shows the full inference pipeline end to end, not meaningful masks.")
-    # A random model scores every cell near the 0.01 prior; a low threshold lets masks through.
-    t0 = time.perf_counter()
-    result = model.predict(img, score_thr=args.score_thr, filter_thr=0.0, max_per_img=10)[0]
-    dt = time.perf_counter() - t0
-    path = os.path.join(args.out, "demo_prediction.png")
-    result.draw().save(path)
-    gt_path = os.path.join(args.out, "demo_ground_truth.png")
-    solo_fast.SOLOResult(torch.from_numpy(masks).bool(), torch.ones(len(labels)), torch.from_numpy(labels),
-                         solo_fast.results.masks_to_boxes(torch.from_numpy(masks)), image=img,
-                         class_names=list(SHAPES)).draw().save(gt_path)
-    print(f"image {args.height}x{args.width} with {len(labels)} shapes; predicted {len(result)} instances in {dt:.2f} s")
-    print(f"wrote {path} (prediction) and {gt_path} (the generated ground truth)")
+        recipe = replace(recipe, epochs=args.epochs, milestones=tuple(m for m in recipe.milestones if m < args.epochs))
+    run_demo(args.out, recipe=recipe)
     return 0
 
 
@@ -189,7 +172,7 @@ def cmd_train(args) -> int:
               momentum=args.momentum, weight_decay=args.weight_decay,
               grad_clip=args.grad_clip if args.grad_clip > 0 else None, num_workers=args.num_workers,
               log_every=args.log_every, resume=True if args.resume else None, val_dataset=val,
-              eval_every=args.eval_every, seed=args.seed, amp=not args.no_amp)
+              eval_every=args.eval_every, seed=args.seed, amp=not args.no_amp, optimizer=args.optimizer)
     except (ValueError, FileNotFoundError) as exc:
         raise _worker_error(exc) from None
     except FloatingPointError as exc:  # a diverged loss: the message says what to change
@@ -253,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--warmup-iters", type=int, default=500)
     t.add_argument("--milestones", type=int, nargs="*", default=[8, 11], metavar="EPOCH", help="epochs where the lr drops")
     t.add_argument("--gamma", type=float, default=0.1)
+    t.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd",
+                   help="sgd as published; adamw (with a small --lr such as 1e-4) for training from scratch")
     t.add_argument("--momentum", type=float, default=0.9)
     t.add_argument("--weight-decay", type=float, default=1e-4)
     t.add_argument("--grad-clip", type=float, default=35.0, help="max gradient norm (0: off)")
@@ -276,13 +261,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--num-workers", type=int, default=2)
     e.add_argument("--score-thr", type=float, default=None, help="default: the model's (0.1)")
     e.set_defaults(func=cmd_eval)
-    d = sub.add_parser("demo", help="run the built-in demo")
-    d.add_argument("--config", default="solov2_light_r18_fpn")
-    d.add_argument("--out", default="out/demo")
-    d.add_argument("--height", type=int, default=384)
-    d.add_argument("--width", type=int, default=512)
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--score-thr", type=float, default=0.005)
+    d = sub.add_parser("demo", help="the built-in demo: train a small SOLOv2 on synthetic shapes from scratch on "
+                                    "the CPU (about 10 minutes on 2 cores), evaluate it and draw its predictions")
+    d.add_argument("--out", default="out/demo", help="output folder: data, train/, predictions.png")
+    d.add_argument("--quick", action="store_true", help="a one-minute smoke run of the same steps (learns little)")
+    d.add_argument("--epochs", type=int, default=None, help="override the recipe's number of epochs")
     d.set_defaults(func=cmd_demo)
     q = sub.add_parser("predict", help="predict masks for images or folders of images")
     q.add_argument("inputs", nargs="+")
