@@ -20,8 +20,11 @@ def point_nms(probs: torch.Tensor) -> torch.Tensor:
 
 
 def flat_scores(cls_logits: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Per-level [B, C, S, S] logits -> [B, ΣS², C] point-NMS'd probabilities (cells level by level)."""
-    return torch.cat([point_nms(c.sigmoid()).flatten(2).transpose(1, 2) for c in cls_logits], 1)
+    """Per-level [B, C, S, S] logits -> [B, ΣS², C] point-NMS'd probabilities (cells level by level).
+
+    In fp32 whatever the logits' dtype: under autocast (bf16/fp16 logits) scores rounded to
+    8 bits tie often, and ties would reorder Matrix NMS and the results."""
+    return torch.cat([point_nms(c.float().sigmoid()).flatten(2).transpose(1, 2) for c in cls_logits], 1)
 
 
 def level_of_cells(num_grids: Sequence[int], device) -> torch.Tensor:
