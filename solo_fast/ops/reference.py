@@ -33,7 +33,9 @@ def matrix_decay(masks: torch.Tensor, labels: torch.Tensor, areas: torch.Tensor,
     :func:`matrix_nms`.
     """
     n = masks.shape[0]
-    flat = masks.reshape(n, -1).float()
+    if n == 0:
+        return torch.zeros(0, dtype=torch.float32, device=masks.device)
+    flat = masks.flatten(1).float()
     # 0/1 products summed in fp32 are exact up to 2**24 pixels per mask.
     inter = flat @ flat.t()
     areas = areas.float()
@@ -80,7 +82,7 @@ def matrix_nms(
     if masks.shape[0] == 0:
         return empty
     if mask_area is None:
-        mask_area = masks.reshape(masks.shape[0], -1).sum(1)
+        mask_area = masks.flatten(1).sum(1)
     # Stable sort: ties keep the lower input index first.
     order = torch.sort(scores, descending=True, stable=True).indices
     if nms_pre > 0:
