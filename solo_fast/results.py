@@ -1,6 +1,7 @@
 """What ``SOLO.predict`` returns for one image."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
@@ -13,6 +14,27 @@ def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
     from .ops.reference import masks_to_boxes as _boxes
 
     return _boxes(masks)
+
+
+def _describe(v) -> str:
+    if isinstance(v, torch.Tensor):
+        return f"{str(v.dtype).replace('torch.', '')} tensor of shape {list(v.shape)}"
+    return type(v).__name__
+
+
+def _is_int(v) -> bool:
+    if isinstance(v, torch.Tensor):
+        return v.dim() == 0 and not v.is_floating_point() and not v.is_complex() and v.dtype != torch.bool
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _check_image_array(img, size, name: str) -> None:
+    """An HWC uint8 RGB array of the masks' size (H, W)."""
+    if not isinstance(img, np.ndarray) or img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
+        got = f"array of shape {img.shape} and dtype {img.dtype}" if isinstance(img, np.ndarray) else type(img).__name__
+        raise ValueError(f"{name}: expected an HWC uint8 RGB array or a PIL image, got {got}")
+    if tuple(img.shape[:2]) != size:
+        raise ValueError(f"{name}: expected the masks' size {size} (height, width), got {tuple(img.shape[:2])}")
 
 
 def _palette(n: int) -> List[tuple]:
@@ -31,6 +53,26 @@ class SOLOResult:
     image: Optional[np.ndarray] = field(default=None, repr=False)  # HWC uint8 RGB, for draw()
     class_names: Optional[Sequence[str]] = field(default=None, repr=False)
 
+    def __post_init__(self):
+        m = self.masks
+        if not isinstance(m, torch.Tensor) or m.dim() != 3 or m.dtype != torch.bool:
+            raise ValueError(f"masks: expected a bool tensor [N, H, W], got {_describe(m)}")
+        n = m.shape[0]
+        for name, t, shape, ok in (
+            ("scores", self.scores, (n,), lambda t: t.is_floating_point()),
+            ("labels", self.labels, (n,), lambda t: not t.is_floating_point() and not t.is_complex()
+             and t.dtype != torch.bool),
+            ("boxes", self.boxes, (n, 4), lambda t: t.is_floating_point() or t.dtype == torch.int64),
+        ):
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or not ok(t):
+                kind = "an integer" if name == "labels" else "a float"
+                raise ValueError(f"{name}: expected {kind} tensor of shape {list(shape)} (one per mask), got {_describe(t)}")
+        if self.image is not None:
+            _check_image_array(self.image, tuple(m.shape[1:]), "image")
+        if self.class_names is not None and (isinstance(self.class_names, str)
+                                             or not all(isinstance(c, str) for c in self.class_names)):
+            raise ValueError("class_names: expected a sequence of str")
+
     def __len__(self) -> int:
         return int(self.scores.numel())
 
@@ -42,6 +84,11 @@ class SOLOResult:
         """
         from pycocotools import mask as mask_utils
 
+        if not _is_int(image_id):
+            raise ValueError(f"image_id: expected an int, got {image_id!r}")
+        if category_ids is not None and (isinstance(category_ids, (str, bytes)) or not hasattr(category_ids, "__len__")
+                                         or not all(_is_int(c) for c in category_ids)):
+            raise ValueError(f"category_ids: expected a sequence of ints (one per label), got {category_ids!r}")
         if len(self) == 0:
             return []
         masks = np.asfortranarray(self.masks.cpu().numpy().astype(np.uint8).transpose(1, 2, 0))
@@ -71,6 +118,13 @@ class SOLOResult:
             raise ValueError("image: this result holds no image; pass the image to draw(image=...)")
         if isinstance(img, Image.Image):
             img = np.asarray(img.convert("RGB"))
+        _check_image_array(img, tuple(self.masks.shape[1:]), "image")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
+            raise ValueError(f"alpha: expected a number in [0, 1], got {alpha!r}")
+        if isinstance(score_thr, bool) or not isinstance(score_thr, (int, float)) or math.isnan(score_thr):
+            raise ValueError(f"score_thr: expected a number, got {score_thr!r}")
+        if class_names is not None and (isinstance(class_names, str) or not all(isinstance(c, str) for c in class_names)):
+            raise ValueError("class_names: expected a sequence of str")
         canvas = np.asarray(img, dtype=np.float32).copy()
         names = class_names or self.class_names
         keep = [i for i in range(len(self)) if float(self.scores[i]) >= score_thr]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any, Dict
 
 SCALE_RANGES = ((1, 96), (48, 192), (96, 384), (192, 768), (384, 2048))
@@ -77,7 +78,72 @@ def get_config(name: str, **overrides: Any) -> Dict[str, Any]:
         if key not in cfg:
             raise ValueError(f"{key}: not a setting of config {name!r}; known settings: {sorted(cfg)}")
         cfg[key] = value
+    _check_values(cfg)
     if len(cfg["num_grids"]) != len(cfg["strides"]) or len(cfg["scale_ranges"]) != len(cfg["strides"]):
         raise ValueError("num_grids, strides, scale_ranges: expected one entry per FPN level (5)")
     cfg["name"] = name
     return cfg
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_values(cfg: Dict[str, Any]) -> None:
+    """Types and ranges of every setting, so a bad override fails here, naming the setting,
+    rather than deep inside the model."""
+
+    def fail(key, expected):
+        raise ValueError(f"{key}: expected {expected}, got {cfg[key]!r}")
+
+    def ints(key, lo=1):
+        v = cfg[key]
+        if not isinstance(v, (list, tuple)) or not v or not all(_is_int(x) and x >= lo for x in v):
+            fail(key, f"a non-empty list of ints >= {lo}")
+
+    if cfg["depth"] not in (18, 34, 50, 101) or not _is_int(cfg["depth"]):
+        fail("depth", "one of 18, 34, 50, 101")
+    if not _is_int(cfg["frozen_stages"]) or not -1 <= cfg["frozen_stages"] <= 4:
+        fail("frozen_stages", "an int in [-1, 4]")
+    if not isinstance(cfg["norm_eval"], bool):
+        fail("norm_eval", "a bool")
+    if cfg["head"] not in ("solo", "decoupled", "decoupled_light", "solov2"):
+        fail("head", "'solo', 'decoupled', 'decoupled_light' or 'solov2'")
+    for key in ("fpn_channels", "stacked_convs"):
+        if not _is_int(cfg[key]) or cfg[key] < 1:
+            fail(key, "a positive int")
+    for key in ("feat_channels", "mask_feat_channels", "mask_out_channels"):  # GroupNorm(32) layers
+        if not _is_int(cfg[key]) or cfg[key] < 32 or cfg[key] % 32:
+            fail(key, "a positive multiple of 32 (GroupNorm with 32 groups)")
+    ints("strides")
+    ints("num_grids")
+    ranges = cfg["scale_ranges"]
+    if not isinstance(ranges, (list, tuple)) or not all(
+        isinstance(r, (list, tuple)) and len(r) == 2 and all(_is_number(x) for x in r) and 0 <= r[0] <= r[1]
+        for r in ranges
+    ):
+        fail("scale_ranges", "(lo, hi) pairs of numbers with 0 <= lo <= hi")
+    if not _is_number(cfg["pos_scale"]) or not 0 <= cfg["pos_scale"] <= 1:
+        fail("pos_scale", "a number in [0, 1]")
+    min_size = cfg["min_size"]
+    if not (_is_int(min_size) and min_size > 0) and not (
+        isinstance(min_size, (list, tuple)) and min_size and all(_is_int(x) and x > 0 for x in min_size)
+    ):
+        fail("min_size", "a positive int or a non-empty list of positive ints (multi-scale training)")
+    for key in ("max_size", "size_divisor", "nms_pre", "max_per_img"):
+        if not _is_int(cfg[key]) or cfg[key] < 1:
+            fail(key, "a positive int")
+    for key in ("score_thr", "mask_thr", "filter_thr", "focal_alpha"):
+        if not _is_number(cfg[key]) or not 0 <= cfg[key] <= 1:
+            fail(key, "a number in [0, 1]")
+    if cfg["nms_kernel"] not in ("gaussian", "linear"):
+        fail("nms_kernel", "'gaussian' or 'linear'")
+    if not _is_number(cfg["nms_sigma"]) or cfg["nms_sigma"] <= 0:
+        fail("nms_sigma", "a positive number")
+    for key in ("focal_gamma", "cls_loss_weight", "mask_loss_weight"):
+        if not _is_number(cfg[key]) or cfg[key] < 0:
+            fail(key, "a non-negative number")

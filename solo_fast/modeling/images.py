@@ -28,6 +28,8 @@ def _load_one(img, name: str) -> Tuple[torch.Tensor, np.ndarray]:
             raise ValueError(f"{name}: expected an HWC RGB array with 3 channels, got shape {img.shape}")
         if img.dtype != np.uint8:
             raise ValueError(f"{name}: expected a uint8 array (0-255), got dtype {img.dtype}")
+        if img.shape[0] == 0 or img.shape[1] == 0:
+            raise ValueError(f"{name}: expected a non-empty image, got shape {img.shape}")
         # A copy: the tensor must not alias (or require writability of) the caller's array.
         return torch.from_numpy(np.array(img, copy=True)).permute(2, 0, 1).float() / 255.0, img
     if isinstance(img, torch.Tensor):

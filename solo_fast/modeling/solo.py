@@ -21,6 +21,16 @@ from .postprocess import postprocess
 from .transform import InputTransform, check_image
 
 
+def _check_finite(out: Dict[str, Any]) -> None:
+    """Inference refuses NaN/Inf in the network's outputs (from non-finite weights, or an
+    fp16 overflow) rather than returning silently wrong detections. One device-to-host
+    read; the images are already known to be finite."""
+    flags = [torch.isfinite(t).all() for v in out.values() for t in (v if isinstance(v, (list, tuple)) else [v])]
+    if flags and not bool(torch.stack(flags).all()):
+        raise ValueError("model: the network's outputs contain NaN or Inf for finite images; check the weights "
+                         "for non-finite values (under fp16 autocast: an overflow, use bf16 or fp32)")
+
+
 class SOLO(nn.Module):
     """A model of the SOLO family by config name, e.g. ``SOLO("solov2_r50_fpn", num_classes=80)``.
 
@@ -77,6 +87,7 @@ class SOLO(nn.Module):
         with torch.no_grad():
             batch, metas = self.transform([img.to(self.device) for img in images])
             out = self.extract(batch)
+            _check_finite(out)
             results = postprocess(self.mask_head, out, metas, self._test_cfg())
         for r in results:
             r["boxes"] = masks_to_boxes(r["masks"])
@@ -150,6 +161,7 @@ class SOLO(nn.Module):
                 chunk = [t.to(self.device) for t in tensors[start : start + batch_size]]
                 batch, metas = self.transform(chunk)
                 out = self.extract(batch)
+                _check_finite(out)
                 for r, arr in zip(postprocess(self.mask_head, out, metas, cfg), arrays[start : start + batch_size]):
                     results.append(SOLOResult(r["masks"], r["scores"], r["labels"], masks_to_boxes(r["masks"]),
                                               image=arr, class_names=self.class_names))
