@@ -101,7 +101,10 @@ def matrix_nms(
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Matrix NMS over ``masks`` [N, H, W] (bool/uint8); returns (scores, labels, masks, keep_inds).
 
-    See DESIGN.md §2 for the exact function. ``keep_inds`` index the inputs.
+    See DESIGN.md §2 for the exact function. ``keep_inds`` index the inputs. ``scores``
+    may be any float dtype (the returned scores keep it) and must be finite; uint8 masks
+    must be 0/1 and ``mask_area`` finite and non-negative (else ValueError). Intersections
+    are exact whatever the dtypes, and autocast is switched off inside.
     """
     _checks.tensor("masks", masks, ndim=3, dtypes=_checks.MASK_DTYPES)
     _checks.tensor("labels", labels, ndim=1)
@@ -217,7 +220,11 @@ def center_region_assign(
     mask_stride: Union[int, Sequence[int]],
     backend: Optional[str] = None,
 ) -> Targets:
-    """SOLO's center-region label assignment for one image; returns :class:`Targets`."""
+    """SOLO's center-region label assignment for one image; returns :class:`Targets`.
+
+    ``gt_boxes`` may be any float dtype (read in float64) and must be finite; autocast is
+    switched off inside, so the downsampled mask targets never depend on it.
+    """
     pad_shape = tuple(pad_shape) if isinstance(pad_shape, (tuple, list)) else pad_shape
     _check_assign_config(pad_shape, num_grids, scale_ranges, pos_scale, num_classes, mask_stride)
     _check_assign_image(gt_masks, gt_labels, gt_boxes, pad_shape, num_classes)
@@ -344,7 +351,14 @@ def mask_predict(
     out_dtype: Optional[torch.dtype] = None,
     backend: Optional[str] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``soft = sigmoid(kernels @ features + bias)``; returns (soft, binary, area, maskness)."""
+    """``soft = sigmoid(kernels @ features + bias)``; returns (soft, binary, area, maskness).
+
+    Inputs of any float dtype (fp16/bf16 included, mixed too); the logits are fp32 (autocast
+    is switched off inside) and ``binary`` (bool), ``area`` (int64) and ``maskness`` (fp32)
+    come from them; ``soft`` is returned in ``out_dtype`` (default fp16 on the GPU, fp32
+    on the CPU). NaN logits give NaN soft values, which are outside the binary mask and
+    count in neither ``area`` nor ``maskness``.
+    """
     _checks.tensor("features", features, ndim=3, dtypes=_checks.FLOAT_DTYPES)
     _checks.tensor("kernels", kernels, ndim=2, dtypes=_checks.FLOAT_DTYPES)
     if kernels.shape[1] != features.shape[0]:
