@@ -168,7 +168,7 @@ def cmd_train(args) -> int:
     lr = args.lr if args.lr is not None else 0.01 * args.batch_size * world / 16
     try:
         train(model, dataset, out_dir=args.out, epochs=args.epochs, batch_size=args.batch_size, lr=lr,
-              warmup_iters=args.warmup_iters, milestones=args.milestones or (), gamma=args.gamma,
+              warmup_iters=args.warmup_iters, warmup_ratio=args.warmup_ratio, milestones=args.milestones or (), gamma=args.gamma,
               momentum=args.momentum, weight_decay=args.weight_decay,
               grad_clip=args.grad_clip if args.grad_clip > 0 else None, num_workers=args.num_workers,
               log_every=args.log_every, resume=True if args.resume else None, val_dataset=val,
@@ -234,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, default=2, help="images per step and process")
     t.add_argument("--lr", type=float, default=None, help="default: 0.01 x total batch / 16")
     t.add_argument("--warmup-iters", type=int, default=500)
+    t.add_argument("--warmup-ratio", type=float, default=1 / 3, help="the warm-up starts at lr x this")
     t.add_argument("--milestones", type=int, nargs="*", default=[8, 11], metavar="EPOCH", help="epochs where the lr drops")
     t.add_argument("--gamma", type=float, default=0.1)
     t.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd",

@@ -119,6 +119,8 @@ def test_warmup_step_schedule():
     assert s.lr_at(10, 2) == pytest.approx(0.03)  # the milestone epoch itself runs at the lower lr
     assert s.lr_at(10, 5) == pytest.approx(0.003)
     assert opt.param_groups[0]["lr"] == pytest.approx(0.1)
+    low = WarmupStepSchedule(opt, 0.3, warmup_iters=4, milestones=[], gamma=0.1, warmup_ratio=0.01)
+    assert low.lr_at(0, 0) == pytest.approx(0.003) and low.lr_at(2, 0) == pytest.approx(0.1515)
 
 
 # ---------------------------------------------------------------- training
@@ -153,15 +155,20 @@ def test_train_checkpoint_log_and_resume(tmp_path):
 def test_train_adamw_and_its_resume(tmp_path):
     data = TinyShapes(2)
     out = tmp_path / "adamw"
-    train(small_model(), data, out_dir=str(out), epochs=1, optimizer="adamw", **{**TRAIN_KW, "lr": 1e-4})
+    train(small_model(), data, out_dir=str(out), epochs=1, optimizer="adamw", warmup_ratio=0.1,
+          **{**TRAIN_KW, "lr": 1e-4})
     state = torch.load(out / "last_state.pt", weights_only=True)
     assert state["optimizer_name"] == "adamw"
     assert any("exp_avg" in s for s in state["optimizer"]["state"].values())  # AdamW's moments, not SGD's buffer
-    assert json.loads((out / "config.json").read_text())["train"]["optimizer"] == "adamw"
+    logged = json.loads((out / "config.json").read_text())["train"]
+    assert logged["optimizer"] == "adamw" and logged["warmup_ratio"] == 0.1
+    assert "lr 1.000e-05" in (out / "train.log").read_text()  # iteration 1 at lr x warmup_ratio
     with pytest.raises(ValueError, match="optimizer.*adamw"):
         train(small_model(), data, out_dir=str(out), epochs=2, resume=True, **TRAIN_KW)  # SGD by default
     with pytest.raises(ValueError, match="optimizer"):
         train(small_model(), data, out_dir=str(tmp_path / "b"), epochs=1, optimizer="adam")
+    with pytest.raises(ValueError, match="warmup_ratio"):
+        train(small_model(), data, out_dir=str(tmp_path / "b"), epochs=1, warmup_ratio=0.0)
 
 
 def test_train_bad_input(tmp_path):

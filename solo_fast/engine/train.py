@@ -145,13 +145,13 @@ def train(model, dataset, *, out_dir: str, epochs: int = 12, batch_size: int = 2
           warmup_iters: int = 500, milestones: Sequence[int] = (8, 11), gamma: float = 0.1, momentum: float = 0.9,
           weight_decay: float = 1e-4, grad_clip: Optional[float] = 35.0, num_workers: int = 0, log_every: int = 20,
           resume=None, val_dataset=None, eval_every: int = 0, seed: int = 0, device=None, amp: bool = True,
-          eval_batch_size: Optional[int] = None, optimizer: str = "sgd"):
+          eval_batch_size: Optional[int] = None, optimizer: str = "sgd", warmup_ratio: float = 1.0 / 3.0):
     """Trains ``model`` (a :class:`solo_fast.SOLO`) on ``dataset`` (``(image, target)`` pairs, e.g.
     :class:`solo_fast.data.CocoDataset`) and returns it.
 
     SGD (``momentum``, ``weight_decay``; ``optimizer="adamw"``: AdamW with that weight decay,
-    which trains a model from scratch, e.g. the demo's, in far fewer steps), the lr warmed up linearly from ``lr/3`` over
-    ``warmup_iters`` iterations and multiplied by ``gamma`` at each epoch of ``milestones``;
+    which trains a model from scratch, e.g. the demo's, in far fewer steps), the lr warmed up
+    linearly from ``lr * warmup_ratio`` over ``warmup_iters`` iterations and multiplied by ``gamma`` at each epoch of ``milestones``;
     gradients clipped to norm ``grad_clip`` (None: off); autocast (bf16, else fp16 with a
     grad scaler) on CUDA only. ``batch_size`` is per process.
 
@@ -172,6 +172,8 @@ def train(model, dataset, *, out_dir: str, epochs: int = 12, batch_size: int = 2
     for name, value in (("warmup_iters", warmup_iters), ("num_workers", num_workers), ("eval_every", eval_every)):
         _check_positive(name, value, allow_zero=True)
     _check_positive("lr", lr, float)
+    if isinstance(warmup_ratio, bool) or not isinstance(warmup_ratio, (int, float)) or not 0 < warmup_ratio <= 1:
+        raise ValueError(f"warmup_ratio: expected a number in (0, 1], got {warmup_ratio!r}")
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer: expected one of {list(OPTIMIZERS)}, got {optimizer!r}")
     for name, value in (("momentum", momentum), ("weight_decay", weight_decay), ("gamma", gamma)):
@@ -197,7 +199,7 @@ def train(model, dataset, *, out_dir: str, epochs: int = 12, batch_size: int = 2
              milestones=tuple(milestones), gamma=gamma, momentum=momentum, weight_decay=weight_decay,
              grad_clip=grad_clip, num_workers=num_workers, log_every=log_every, resume=resume,
              val_dataset=val_dataset, eval_every=eval_every, seed=seed, amp=amp, eval_batch_size=eval_batch_size,
-             optimizer=optimizer)
+             optimizer=optimizer, warmup_ratio=float(warmup_ratio))
     dev, created = D.setup(device)
     ok = False
     try:
@@ -227,7 +229,8 @@ def _train(net, dataset, dev, a):
         optimizer = torch.optim.AdamW(params, lr=a["lr"], weight_decay=a["weight_decay"])
     else:
         optimizer = torch.optim.SGD(params, lr=a["lr"], momentum=a["momentum"], weight_decay=a["weight_decay"])
-    schedule = WarmupStepSchedule(optimizer, a["lr"], a["warmup_iters"], a["milestones"], a["gamma"])
+    schedule = WarmupStepSchedule(optimizer, a["lr"], a["warmup_iters"], a["milestones"], a["gamma"],
+                                  warmup_ratio=a["warmup_ratio"])
     start_epoch, iteration = 0, 0
     resumed = None
     if a["resume"] is not None and a["resume"] is not False:
@@ -269,7 +272,7 @@ def _train(net, dataset, dev, a):
             json.dump({"model": net.cfg, "class_names": net.class_names,
                        "train": {k: (list(v) if isinstance(v, tuple) else v) for k, v in a.items()
                                  if k in ("epochs", "batch_size", "lr", "warmup_iters", "milestones", "gamma",
-                                          "momentum", "weight_decay", "grad_clip", "seed", "optimizer")}
+                                          "momentum", "weight_decay", "grad_clip", "seed", "optimizer", "warmup_ratio")}
                        | {"world_size": world, "iters_per_epoch": iters_per_epoch}}, f, indent=1, default=str)
         logger.info(f"training {net.config_name} ({net.num_classes} classes) on {len(dataset)} images, "
                     f"{world} process(es) x batch {batch_size}, {iters_per_epoch} iterations/epoch, "
