@@ -400,6 +400,26 @@ def test_synthetic_sizes_span_every_fpn_level():
             assert ((sizes * short >= lo) & (sizes * short <= hi)).any(), (short, lo, hi)
 
 
+def test_synthetic_size_and_count_settings(tmp_path):
+    # Larger, fewer shapes (the demo's small images): every mask's sqrt(box area) within the
+    # size range (occlusion only shrinks masks; the triangle's box is up to ~1.5x its size).
+    from solo_fast.ops.reference import masks_to_boxes
+
+    path = write_shapes_dataset(str(tmp_path), 12, height=64, width=64, seed=3, split="train",
+                                size_range=(0.3, 0.5), objects=(1, 2), max_occlusion=0.2)
+    ds = CocoDataset(path, shapes_image_dir(str(tmp_path), "train"))
+    counts = []
+    for i in range(len(ds)):
+        _, target = ds[i]
+        counts.append(len(target["labels"]))
+        boxes = masks_to_boxes(target["masks"].bool()).double()
+        sizes = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).sqrt() / 64
+        assert (sizes <= 0.5 * 1.5).all() and (sizes >= 0.3 * 0.4).all(), sizes
+    assert set(counts) <= {1, 2} and 1 in counts and 2 in counts
+    with pytest.raises(ValueError, match="objects"):
+        write_shapes_dataset(str(tmp_path), 1, height=32, width=32, seed=0, objects=(3, 1))
+
+
 def test_ground_truth_as_predictions_gives_ap_1(tmp_path):
     from pycocotools.cocoeval import COCOeval
 

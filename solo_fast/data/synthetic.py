@@ -97,14 +97,18 @@ def _image_seed(seed: int, split: str, index: int) -> int:
     return int(np.random.SeedSequence([int(seed), zlib.crc32(split.encode("utf-8")), int(index)]).generate_state(1)[0])
 
 
-def shapes_scene_kwargs(seed: int, split: str, index: int) -> Dict:
+def shapes_scene_kwargs(seed: int, split: str, index: int, *, size_range: Tuple[float, float] = DATASET_SIZE_RANGE,
+                        objects: Tuple[int, int] = DATASET_OBJECTS,
+                        max_occlusion: Optional[float] = DATASET_MAX_OCCLUSION) -> Dict:
     """The ``draw_scene`` keyword arguments of image ``index`` (0-based) of a
     :func:`write_shapes_dataset` split (besides height and width)."""
     image_seed = _image_seed(seed, split, index)
-    n_lo, n_hi = DATASET_OBJECTS
+    n_lo, n_hi = (int(v) for v in objects)
+    if not 0 <= n_lo <= n_hi:
+        raise ValueError(f"objects: expected (low, high) object counts with 0 <= low <= high, got {objects}")
     num_objects = int(np.random.default_rng(image_seed ^ 0x5EED).integers(n_lo, n_hi + 1))
-    return dict(num_objects=num_objects, seed=image_seed, size_range=DATASET_SIZE_RANGE,
-                log_sizes=True, max_occlusion=DATASET_MAX_OCCLUSION)
+    return dict(num_objects=num_objects, seed=image_seed, size_range=tuple(size_range),
+                log_sizes=True, max_occlusion=max_occlusion)
 
 
 def shapes_image_dir(root: str, split: str = "train") -> str:
@@ -113,7 +117,9 @@ def shapes_image_dir(root: str, split: str = "train") -> str:
 
 
 def write_shapes_dataset(root: str, num_images: int, *, height: int, width: int, seed: int,
-                         split: str = "train") -> str:
+                         split: str = "train", size_range: Tuple[float, float] = DATASET_SIZE_RANGE,
+                         objects: Tuple[int, int] = DATASET_OBJECTS,
+                         max_occlusion: Optional[float] = DATASET_MAX_OCCLUSION) -> str:
     """Write ``num_images`` synthetic shape scenes in the COCO layout and return the json path.
 
     Images: ``<root>/<split>/<image_id:06d>.png`` (see :func:`shapes_image_dir`);
@@ -123,6 +129,10 @@ def write_shapes_dataset(root: str, num_images: int, *, height: int, width: int,
     :func:`draw_scene` is category ``k + 1``). Image ids run from 1. Object sizes span a
     14x range of the short side (every FPN level once the model resizes the image);
     backgrounds are textured. The same arguments always write the same files.
+
+    ``size_range`` (fractions of the short side, drawn log-uniformly), ``objects`` (the
+    inclusive range of shapes per image) and ``max_occlusion`` (see :func:`draw_scene`)
+    change the defaults, e.g. larger and fewer shapes for small images.
     """
     from PIL import Image
     from pycocotools import mask as mask_utils
@@ -141,7 +151,8 @@ def write_shapes_dataset(root: str, num_images: int, *, height: int, width: int,
     images, annotations = [], []
     for index in range(num_images):
         image_id = index + 1
-        img, masks, labels = draw_scene(height, width, **shapes_scene_kwargs(seed, split, index))
+        img, masks, labels = draw_scene(height, width, **shapes_scene_kwargs(
+            seed, split, index, size_range=size_range, objects=objects, max_occlusion=max_occlusion))
         file_name = f"{image_id:06d}.png"
         Image.fromarray(img).save(os.path.join(img_dir, file_name))
         images.append({"id": image_id, "file_name": file_name, "height": height, "width": width})
