@@ -71,7 +71,7 @@ def _write_data(root: str, recipe: DemoRecipe) -> Dict[str, str]:
     return paths
 
 
-def draw_predictions(model, dataset, path: str, *, num_images: int = 8, score_thr: float = 0.3,
+def draw_predictions(model, dataset, path: str, *, num_images: int = 8, score_thr: float = 0.5,
                      scale: int = 2) -> str:
     """One picture: for the first ``num_images`` images of ``dataset``, the ground truth (top
     row) above the model's predictions with score >= ``score_thr`` (bottom row)."""
