@@ -44,13 +44,6 @@ def test_without_extension_falls_back_to_reference_and_warns_once():
     assert out.stdout.strip().endswith("ok")
 
 
-def test_cli_demo_runs(tmp_path):
-    from solo_fast.cli import main
-
-    assert main(["demo", "--out", str(tmp_path), "--height", "96", "--width", "128"]) == 0
-    assert (tmp_path / "demo_prediction.png").is_file() and (tmp_path / "demo_ground_truth.png").is_file()
-
-
 def test_cli_predict_folder(tmp_path):
     import numpy as np
     from PIL import Image
