@@ -27,3 +27,16 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a test module (``pytestmark = pytest.mark.usefixtures("one_thread")``).
+
+    Tiny shapes gain nothing from intra-op threads, and on a loaded 2-core machine every
+    parallel region waits for a scheduler slice: with two threads the small networks of
+    these tests ran 10-30x slower there."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

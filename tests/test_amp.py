@@ -27,12 +27,7 @@ def _backends(op):
     return [b for b in ("reference", "cpu", "triton") if b in ops.available_backends(op, "cpu")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------- ops

@@ -86,17 +86,6 @@ def random_scene(seed, H, W, max_m=9):
     return masks, labels, boxes, pos_scale
 
 
-@pytest.fixture
-def one_thread():
-    """Small scenes on one thread: the reference's many small ops would each open an
-    OpenMP region, and on a loaded 2-core machine every region waits tens of ms for its
-    second thread. (The compiled op keeps images this small on one thread anyway.)"""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def assert_same(got, want, strides):
     assert len(got.labels) == len(want.labels) == len(strides)
     for lvl in range(len(strides)):

@@ -15,13 +15,7 @@ from solo_fast.data.synthetic import shapes_scene_kwargs
 H, W = 12, 16
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The machine is small and shared: these tests need no intra-op parallelism.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _hand(*boxes, h=H, w=W):

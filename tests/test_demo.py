@@ -4,7 +4,6 @@ import json
 import os
 
 import pytest
-import torch
 from PIL import Image
 
 import solo_fast
@@ -12,12 +11,7 @@ from solo_fast.cli import main
 from solo_fast.demo import QUICK
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_demo_quick_writes_everything(tmp_path, capsys):

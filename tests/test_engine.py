@@ -22,12 +22,7 @@ SMALL = dict(num_grids=(6, 5, 4, 3, 2), min_size=SIZE, max_size=SIZE)
 CAT_IDS = [3, 7, 11]  # not 0..C-1, so the contiguous -> original mapping is exercised
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def scenes(n, seed=0):

@@ -14,14 +14,7 @@ CONFIGS = ("solov2_light_r18_fpn", "solo_r18_fpn", "decoupled_solo_light_r18_fpn
 GRIDS = (12, 10, 8, 6, 4)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny tensors: on a shared 2-core machine, two OpenMP threads waiting on each other
-    # made every forward ~30x slower (3.8 s vs 0.1 s at 128x160) than one thread.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_model(name: str) -> solo_fast.SOLO:

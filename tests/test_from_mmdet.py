@@ -27,14 +27,7 @@ import torch
 
 import solo_fast
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The networks here are tiny; on a busy machine two threads spend far longer waiting
-    # for each other than computing.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 GRIDS = (40, 36, 24, 16, 12)

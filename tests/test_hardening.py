@@ -24,12 +24,7 @@ BACKENDS = {op: ops.available_backends(op, "cpu") for op in ("matrix_nms", "cent
                                                             "coord_conv2d", "mask_predict")}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

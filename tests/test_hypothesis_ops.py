@@ -6,7 +6,6 @@ Tensors come from a drawn seed plus drawn structure flags (duplicates, ties, emp
 which keeps examples cheap to generate and shrink. The runs are derandomized (the same
 examples every run: no flaky CI) and small (the Triton backends run in the interpreter).
 """
-import math
 
 import pytest
 import torch
@@ -33,12 +32,7 @@ def fast(op):
     return [b for b in ("cpu", "triton") if b in ops.available_backends(op, "cpu")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------- matrix_nms

@@ -20,14 +20,7 @@ from solo_fast import ops
 from solo_fast.ops import reference
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny shapes gain nothing from intra-op threads, and on a loaded 2-core machine every
-    # parallel region waits for a scheduler slice: one thread keeps this file fast there.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 HAS_TRITON = "triton" in ops.available_backends("mask_predict", "cpu")
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton unavailable")

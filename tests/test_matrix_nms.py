@@ -1,7 +1,6 @@
 """matrix_nms: the fast backends ("cpu": C++ popcount, "triton": under TRITON_INTERPRET=1 or
 on a GPU) against the reference oracle, hand-built known answers, and bad input."""
 import math
-import os
 
 import pytest
 import torch
