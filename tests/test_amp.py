@@ -18,7 +18,7 @@ import solo_fast
 from solo_fast import ops
 from solo_fast.ops import reference
 
-from test_overfit import scene
+from test_overfit import scene, train_on_scene
 
 HALF = [torch.float16, torch.bfloat16]
 
@@ -149,21 +149,8 @@ def _match(ref, other):
 @pytest.fixture(scope="module")
 def trained():
     """solov2_light_r18 briefly trained on test_overfit's scene (as test_overfit does)."""
-    img, masks, labels = scene()
-    torch.manual_seed(0)
-    model = solo_fast.SOLO("solov2_light_r18_fpn", num_classes=3, min_size=128, max_size=128,
-                           num_grids=(12, 10, 8, 6, 4))
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=0.003, momentum=0.9)
-    model.train()
-    for it in range(40):
-        for group in opt.param_groups:
-            group["lr"] = 0.003 * min(1.0, (1 + 2 * it / 20) / 3)
-        loss = sum(model([img], [{"masks": masks, "labels": labels}]).values())
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 35)
-        opt.step()
+    img = scene()[0]
+    model, _ = train_on_scene(40)
     return model.eval(), img
 
 

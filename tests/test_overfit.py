@@ -20,13 +20,15 @@ def scene():
     return img, masks, torch.tensor([0, 1, 2])
 
 
-def test_overfit_one_image():
+def train_on_scene(iters: int):
+    """solov2_light_r18 (small grids) trained ``iters`` SGD steps on :func:`scene`; returns
+    the model (in train mode) and the loss history."""
     img, masks, labels = scene()
     torch.manual_seed(0)
     model = solo_fast.SOLO("solov2_light_r18_fpn", num_classes=3, min_size=128, max_size=128,
                            num_grids=(12, 10, 8, 6, 4))
     params = [p for p in model.parameters() if p.requires_grad]
-    base_lr, warmup, iters = 0.003, 20, 60
+    base_lr, warmup = 0.003, 20
     opt = torch.optim.SGD(params, lr=base_lr, momentum=0.9)
     model.train()
     history = []
@@ -42,6 +44,12 @@ def test_overfit_one_image():
         torch.nn.utils.clip_grad_norm_(params, 35)
         opt.step()
         history.append(float(loss))
+    return model, history
+
+
+def test_overfit_one_image():
+    img, masks, labels = scene()
+    model, history = train_on_scene(60)
     assert history[0] / min(history[-5:]) > 5, history
 
     result = model.predict(img)[0]
