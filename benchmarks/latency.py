@@ -145,10 +145,13 @@ def op_cases(device, quick: bool) -> List[Dict]:
     return cases
 
 
-def e2e_cases(device, quick: bool) -> List[Dict]:
+E2E_MODELS = ("solo_r50_fpn", "solov2_r50_fpn", "solov2_light_r18_fpn")
+
+
+def e2e_cases(device, quick: bool, models=E2E_MODELS) -> List[Dict]:
     h, w = (416, 704) if quick else (800, 1344)
     cases = []
-    for name in ("solo_r50_fpn", "solov2_r50_fpn", "solov2_light_r18_fpn"):
+    for name in models:
         def make_inf(name=name):
             torch.manual_seed(0)
             model = solo_fast.SOLO(name, num_classes=80, min_size=h, max_size=w).to(device).eval()
@@ -157,6 +160,12 @@ def e2e_cases(device, quick: bool) -> List[Dict]:
                 # fire on every cell so that post-processing has hundreds of candidates
                 # (after point NMS), as a trained model has on a busy image.
                 model.mask_head.conv_cls.bias[0] = -1.0
+                # SOLO's 1x1 mask convs start at the focal prior (bias -4.6): every mask would
+                # be empty and post-processing would stop at the area filter. Non-empty masks
+                # take it through Matrix NMS and the final resize, as on a real image.
+                for conv in getattr(model.mask_head, "conv_mask_list", ()):
+                    conv.bias.zero_()
+                    conv.weight.mul_(30)
             img = torch.rand(3, h, w, device=device)
 
             def run(b):
@@ -206,6 +215,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--quick", action="store_true", help="smaller inputs and fewer repeats")
     p.add_argument("--ops", default="all",
                    help="comma-separated: matrix_nms, center_region_assign, mask_predict, coord_conv2d, e2e (or all)")
+    p.add_argument("--models", default=",".join(E2E_MODELS), help="comma-separated configs of the e2e rows")
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--json", default="benchmarks/latency.json")
     args = p.parse_args(argv)
@@ -215,7 +225,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     wanted = set(args.ops.split(","))
     cases = [c for c in op_cases(device, args.quick) if "all" in wanted or c["op"] in wanted]
     if "all" in wanted or "e2e" in wanted:
-        cases += e2e_cases(device, args.quick)
+        cases += e2e_cases(device, args.quick, [m for m in args.models.split(",") if m])
     repeats = args.repeats or (5 if args.quick else 20)
 
     try:

@@ -101,7 +101,9 @@ def postprocess_image(head, out, b: int, scores: torch.Tensor, meta: ImageMeta, 
     # Soft masks: stride 4 -> padded input, crop the image, resize to the original size.
     soft = F.interpolate(soft, size=(H, W), mode="bilinear", align_corners=False)
     soft = soft[:, :, : meta.img_shape[0], : meta.img_shape[1]]
-    soft = F.interpolate(soft, size=meta.ori_shape, mode="bilinear", align_corners=False)[0]
+    if tuple(soft.shape[-2:]) != tuple(meta.ori_shape):  # a same-size bilinear resize is the identity
+        soft = F.interpolate(soft, size=meta.ori_shape, mode="bilinear", align_corners=False)
+    soft = soft[0]
     return {"masks": soft > cfg["mask_thr"], "scores": nms_scores, "labels": nms_labels}
 
 
