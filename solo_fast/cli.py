@@ -151,6 +151,10 @@ def cmd_train(args) -> int:
         overrides["max_size"] = args.max_size
     if args.num_grids is not None:
         overrides["num_grids"] = tuple(args.num_grids)
+    if args.frozen_stages is not None:
+        overrides["frozen_stages"] = args.frozen_stages
+    if args.live_bn:
+        overrides["norm_eval"] = False
     get_config(args.config, **overrides)  # an unknown name fails here, before any data is read
     if args.resume and not os.path.isfile(os.path.join(args.out, STATE_FILE)):
         raise FileNotFoundError(f"--resume: no {STATE_FILE} in {args.out!r} to resume from")
@@ -245,6 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--min-size", type=int, nargs="+", metavar="SIZE", help="short side(s); several: multi-scale training")
     t.add_argument("--max-size", type=int, help="long side limit")
     t.add_argument("--num-grids", type=int, nargs=5, metavar="S", help="grid size S of each of the 5 levels")
+    t.add_argument("--frozen-stages", type=int, default=None,
+                   help="backbone stages kept frozen (default 1: stem + layer1; -1: none, for training from scratch)")
+    t.add_argument("--live-bn", action="store_true",
+                   help="BatchNorm learns and uses batch statistics (norm_eval off; for training from scratch)")
     t.add_argument("--flip-prob", type=float, default=0.5)
     t.add_argument("--num-workers", type=int, default=2)
     t.add_argument("--log-every", type=int, default=20)

@@ -133,7 +133,9 @@ def _load_state(path: str, model) -> Dict[str, Any]:
         raise ValueError(f"resume: {path!r} was written for config {cfg.get('name')!r} with "
                          f"{cfg.get('num_classes')} classes, but the model is {model.config_name!r} with "
                          f"{model.num_classes} classes")
-    arch = ("depth", "head", "stacked_convs", "feat_channels", "num_grids", "mask_feat_channels", "mask_out_channels")
+    # frozen_stages too: it decides which parameters the optimizer state belongs to.
+    arch = ("depth", "head", "stacked_convs", "feat_channels", "num_grids", "mask_feat_channels", "mask_out_channels",
+            "frozen_stages")
     diff = [k for k in arch if k in cfg and json.dumps(cfg[k]) != json.dumps(list(model.cfg[k])
                                                                              if isinstance(model.cfg[k], tuple) else model.cfg[k])]
     if diff:
