@@ -79,7 +79,7 @@ def test_solo_positive_cell_logits_equal_dense_conv():
 
 @pytest.mark.parametrize("name", ["solo_r18_fpn", "decoupled_solo_light_r18_fpn", "solov2_light_r18_fpn"])
 def test_chunked_candidates_equal_one_pass(name, monkeypatch):
-    """Many candidates are handled in bounded chunks (two passes) with the same result."""
+    """Many candidates are handled in bounded chunks (streamed top nms_pre) with the same result."""
     from solo_fast.modeling import postprocess
 
     model = _model(name)

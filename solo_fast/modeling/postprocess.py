@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from .. import ops
 from .transform import ImageMeta
 
-# Candidates whose masks are computed at once; past this, post-processing takes two passes.
+# Cells whose masks are computed at once; past this, they are computed chunk by chunk,
+# keeping only the masks the best nms_pre candidates need.
 MASK_CHUNK = 512
 
 
@@ -40,6 +41,44 @@ def empty_result(ori_shape, device) -> Dict[str, torch.Tensor]:
     }
 
 
+def _stream_top_masks(head, out, b, levels, cells, inv, cand_scores, strides, mask_size, thr, nms_pre, chunk):
+    """Masks of thousands of cells, ``chunk`` at a time, keeping only those of the cells
+    that the best ``nms_pre`` candidates so far use: memory stays bounded by
+    ``nms_pre + chunk`` masks and no mask is computed twice.
+
+    Returns every cell's area and maskness, and the soft and binary masks of the cells of
+    the final best candidates (ascending cell order). The selection rule is
+    :func:`postprocess_image`'s own -- valid candidates (area > stride), score x maskness,
+    stable descending sort, first ``nms_pre`` -- applied chunk by chunk; a top-k of a
+    union is the top-k of the partial top-ks, and candidates are cell-major, so each
+    chunk's candidates come after the earlier ones, as in the one-pass order.
+    """
+    areas, masknesses = [], []
+    best = inv.new_zeros(0)  # candidate indices, ascending
+    best_scores = cand_scores.new_zeros(0)
+    kept_cells = inv.new_zeros(0)
+    kept_soft = kept_binary = None
+    for i in range(0, cells.numel(), chunk):
+        soft_c, binary_c, area_c, maskness_c = head.candidate_masks(
+            out, b, levels[i : i + chunk], cells[i : i + chunk], mask_size, thr)
+        areas.append(area_c)
+        masknesses.append(maskness_c)
+        new = torch.nonzero((inv >= i) & (inv < i + chunk)).flatten()
+        local = inv[new] - i
+        valid = area_c[local].float() > strides[new]
+        new, local = new[valid], local[valid]
+        scores = torch.cat([best_scores, cand_scores[new] * maskness_c[local].to(cand_scores.dtype)])
+        order = torch.sort(scores, descending=True, stable=True).indices[:nms_pre].sort().values
+        best, best_scores = torch.cat([best, new])[order], scores[order]
+        need = torch.unique(inv[best])  # the cells the best candidates use, ascending
+        pool = torch.cat([kept_cells, torch.arange(i, i + soft_c.shape[0], device=inv.device)])
+        pos = torch.searchsorted(pool, need)
+        kept_soft = (soft_c if kept_soft is None else torch.cat([kept_soft, soft_c]))[pos]
+        kept_binary = (binary_c if kept_binary is None else torch.cat([kept_binary, binary_c]))[pos]
+        kept_cells = need
+    return kept_soft, kept_binary, torch.cat(areas), torch.cat(masknesses)
+
+
 def postprocess_image(head, out, b: int, scores: torch.Tensor, meta: ImageMeta, cfg: dict) -> Dict[str, torch.Tensor]:
     """Masks, scores and labels of image ``b`` from the head's raw outputs.
 
@@ -66,17 +105,12 @@ def postprocess_image(head, out, b: int, scores: torch.Tensor, meta: ImageMeta, 
     thr = cfg["mask_thr"]
     nms_pre = cfg["nms_pre"]
     chunk = cfg.get("mask_chunk", MASK_CHUNK)
-    if cells.numel() <= chunk:
+    streamed = cells.numel() > chunk
+    if not streamed:
         soft_u, binary_u, area_u, maskness_u = head.candidate_masks(out, b, levels, cells, mask_size, thr)
     else:
-        # Thousands of cells: a first pass keeps only each mask's area and maskness, chunk
-        # by chunk, so memory stays bounded; the masks of the few candidates that survive
-        # the filter and nms_pre are computed again below.
-        stats = [head.candidate_masks(out, b, levels[i : i + chunk], cells[i : i + chunk], mask_size, thr)[2:]
-                 for i in range(0, cells.numel(), chunk)]
-        area_u = torch.cat([s[0] for s in stats])
-        maskness_u = torch.cat([s[1] for s in stats])
-        soft_u = binary_u = None
+        soft_u, binary_u, area_u, maskness_u = _stream_top_masks(
+            head, out, b, levels, cells, inv, cand_scores, strides, mask_size, thr, nms_pre, chunk)
     area = area_u[inv]
     keep = area.float() > strides
     if not bool(keep.any()):
@@ -87,9 +121,8 @@ def postprocess_image(head, out, b: int, scores: torch.Tensor, meta: ImageMeta, 
     # candidate order so that it breaks ties exactly as it would on all of them.
     top = torch.sort(cand_scores, descending=True, stable=True).indices[:nms_pre].sort().values
     inv, area, labels, cand_scores = inv[top], area[top], labels[top], cand_scores[top]
-    if soft_u is None:
-        sub, inv = torch.unique(inv, return_inverse=True)
-        soft_u, binary_u, _, _ = head.candidate_masks(out, b, levels[sub], cells[sub], mask_size, thr)
+    if streamed:  # soft_u/binary_u hold the masks of exactly these cells, in ascending order
+        inv = torch.unique(inv, return_inverse=True)[1]
 
     nms_scores, nms_labels, _, keep_inds = ops.matrix_nms(
         binary_u[inv], labels, cand_scores, mask_area=area, kernel=cfg["nms_kernel"], sigma=cfg["nms_sigma"],
