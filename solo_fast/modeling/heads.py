@@ -44,16 +44,23 @@ def _resize(x: torch.Tensor, size) -> torch.Tensor:
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
 
 
-def per_level(levels: torch.Tensor, cells: torch.Tensor, num_levels: int, fn, empty: torch.Tensor) -> torch.Tensor:
-    """``fn(level, cells_of_that_level)`` for each level, reassembled in the input order."""
+def per_level(levels: torch.Tensor, cells: torch.Tensor, num_levels: int, fn, empty):
+    """``fn(level, cells_of_that_level)`` for each level -- a tensor, or a tuple of tensors
+    with one row per cell -- reassembled in the input order (``empty`` when no cells)."""
     order = torch.argsort(levels, stable=True)
-    parts = [fn(lvl, cells[order][levels[order] == lvl]) for lvl in range(num_levels)]
-    parts = [p for p in parts if p.shape[0]]
+    sorted_cells, sorted_levels = cells[order], levels[order]
+    parts = [fn(lvl, sorted_cells[sorted_levels == lvl]) for lvl in range(num_levels)]
+    parts = [p if isinstance(p, tuple) else (p,) for p in parts]
+    parts = [p for p in parts if p[0].shape[0]]
     if not parts:
         return empty
-    out = torch.empty_like(torch.cat(parts))
-    out[order] = torch.cat(parts)
-    return out
+    fields = []
+    for field in zip(*parts):
+        joined = torch.cat(field)
+        out = torch.empty_like(joined)
+        out[order] = joined
+        fields.append(out)
+    return tuple(fields) if len(fields) > 1 else fields[0]
 
 
 def _tower(in_channels: int, feat_channels: int, n: int, coords: str | None) -> nn.ModuleList:
@@ -124,21 +131,23 @@ class SOLOHead(_GridHead):
 
     def candidate_masks(self, out, b: int, levels: torch.Tensor, cells: torch.Tensor, mask_size, mask_thr: float):
         dense = _backend.current_backend() == "reference"
+        empty = mask_stats(out["mask_feat"][0].new_zeros((0, *mask_size)), mask_thr)
 
-        def level_soft(level, sel):
-            feat = out["mask_feat"][level][b]
+        def level_stats(level, sel):
             if sel.numel() == 0:
-                return feat.new_zeros((0, *mask_size))
+                return empty
+            feat = out["mask_feat"][level][b]
             conv = self.conv_mask_list[level]
             if dense:  # as published: all S² masks, sigmoid, upsampled, then gathered
                 soft = self.conv_mask_list[level](feat[None]).sigmoid()
-                return _resize(soft, mask_size)[0][sel]
-            soft = ops.mask_predict(feat, conv.weight[sel, :, 0, 0], conv.bias[sel],
-                                    mask_thr=mask_thr, out_dtype=torch.float32)[0]
-            return _resize(soft[None], mask_size)[0]
+                return mask_stats(_resize(soft, mask_size)[0][sel], mask_thr)
+            stats = ops.mask_predict(feat, conv.weight[sel, :, 0, 0], conv.bias[sel],
+                                     mask_thr=mask_thr, out_dtype=torch.float32)
+            if tuple(feat.shape[-2:]) == tuple(mask_size):  # levels 0-1: already at stride 4
+                return stats
+            return mask_stats(_resize(stats[0][None], mask_size)[0], mask_thr)
 
-        empty = out["mask_feat"][0].new_zeros((0, *mask_size))
-        return mask_stats(per_level(levels, cells, len(self.num_grids), level_soft, empty), mask_thr)
+        return per_level(levels, cells, len(self.num_grids), level_stats, empty)
 
 
 class DecoupledSOLOHead(_GridHead):

@@ -71,10 +71,16 @@ def _stream_top_masks(head, out, b, levels, cells, inv, cand_scores, strides, ma
         order = torch.sort(scores, descending=True, stable=True).indices[:nms_pre].sort().values
         best, best_scores = torch.cat([best, new])[order], scores[order]
         need = torch.unique(inv[best])  # the cells the best candidates use, ascending
-        pool = torch.cat([kept_cells, torch.arange(i, i + soft_c.shape[0], device=inv.device)])
-        pos = torch.searchsorted(pool, need)
-        kept_soft = (soft_c if kept_soft is None else torch.cat([kept_soft, soft_c]))[pos]
-        kept_binary = (binary_c if kept_binary is None else torch.cat([kept_binary, binary_c]))[pos]
+        # Earlier cells come from the kept masks, the others from this chunk: two gathers,
+        # in cell order, without concatenating the two sets of masks first.
+        old = need < i
+        pos_old = torch.searchsorted(kept_cells, need[old])
+        pos_new = need[~old] - i
+        if kept_soft is None:
+            kept_soft, kept_binary = soft_c[pos_new], binary_c[pos_new]
+        else:
+            kept_soft = torch.cat([kept_soft[pos_old], soft_c[pos_new]])
+            kept_binary = torch.cat([kept_binary[pos_old], binary_c[pos_new]])
         kept_cells = need
     return kept_soft, kept_binary, torch.cat(areas), torch.cat(masknesses)
 
