@@ -308,12 +308,16 @@ def test_model_deterministic_and_inputs_untouched(model):
 
 
 # ---------------------------------------------------------------------------- NaN/Inf
+@pytest.mark.parametrize("where", ["neck", "mask_features"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
-def test_non_finite_weights_raise(value):
+def test_non_finite_weights_raise(value, where):
     torch.manual_seed(0)
     m = solo_fast.SOLO("solov2_light_r18_fpn", num_classes=3, **SMALL).eval()
     with torch.no_grad():
-        m.neck.lateral_convs[0].conv.weight[0, 0, 0, 0] = value
+        if where == "neck":  # reaches every output
+            m.neck.lateral_convs[0].conv.weight[0, 0, 0, 0] = value
+        else:  # reaches only the mask features (one channel of one output tensor)
+            m.mask_head.mask_feature_head.conv_pred.conv.weight[0, 0, 0, 0] = value
     img = torch.rand(3, 64, 64)
     for call in (lambda: m.predict(img), lambda: m([img])):
         with pytest.raises(ValueError, match="NaN or Inf"):

@@ -24,9 +24,14 @@ from .transform import InputTransform, check_image
 def _check_finite(out: Dict[str, Any]) -> None:
     """Inference refuses NaN/Inf in the network's outputs (from non-finite weights, or an
     fp16 overflow) rather than returning silently wrong detections. One device-to-host
-    read; the images are already known to be finite."""
-    flags = [torch.isfinite(t).all() for v in out.values() for t in (v if isinstance(v, (list, tuple)) else [v])]
-    if flags and not bool(torch.stack(flags).all()):
+    read; the images are already known to be finite.
+
+    A NaN or Inf anywhere makes a tensor's sum non-finite, so one fp32 sum per tensor
+    (a single read of SOLO's ~41M output values at 800x1344: ~5 ms) stands in for
+    ``isfinite(t).all()`` (a bool tensor and a second pass: 70-115 ms on 2 cores); a sum
+    of finite values overflows only past 3e38, far beyond any feature map."""
+    tensors = [t for v in out.values() for t in (v if isinstance(v, (list, tuple)) else [v])]
+    if tensors and not bool(torch.isfinite(torch.stack([t.sum(dtype=torch.float32) for t in tensors])).all()):
         raise ValueError("model: the network's outputs contain NaN or Inf for finite images; check the weights "
                          "for non-finite values (under fp16 autocast: an overflow, use bf16 or fp32)")
 
