@@ -55,19 +55,20 @@ def _write_data(root: str, recipe: DemoRecipe) -> Dict[str, str]:
     from .data import write_shapes_dataset
 
     stamp_path = os.path.join(root, "recipe.json")
-    stamp = {k: v for k, v in asdict(recipe).items() if k in ("image_size", "size_range", "objects", "max_occlusion",
-                                                             "num_train", "num_val", "seed")}
+    data_keys = ("image_size", "size_range", "objects", "max_occlusion", "num_train", "num_val", "seed")
+    # As json reads it back (tuples become lists), so that the comparison below is like for like.
+    stamp = json.loads(json.dumps({k: v for k, v in asdict(recipe).items() if k in data_keys}))
     paths = {split: os.path.join(root, "annotations", f"instances_{split}.json") for split in ("train", "val")}
     if os.path.isfile(stamp_path) and all(os.path.isfile(p) for p in paths.values()):
         with open(stamp_path) as f:
-            if json.load(f) == json.loads(json.dumps(stamp)):
+            if json.load(f) == stamp:
                 return paths
     s = recipe.image_size
     shapes = dict(size_range=recipe.size_range, objects=recipe.objects, max_occlusion=recipe.max_occlusion)
     write_shapes_dataset(root, recipe.num_train, height=s, width=s, seed=recipe.seed, split="train", **shapes)
     write_shapes_dataset(root, recipe.num_val, height=s, width=s, seed=recipe.seed, split="val", **shapes)
     with open(stamp_path, "w") as f:
-        json.dump(json.loads(json.dumps(stamp)), f)  # tuples as lists, as they read back
+        json.dump(stamp, f)
     return paths
 
 
