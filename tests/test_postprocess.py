@@ -161,3 +161,26 @@ def test_one_cell_two_classes_shares_its_mask():
     assert out["labels"].tolist() == [0, 2]
     torch.testing.assert_close(out["scores"], torch.tensor([0.7 * 0.9, 0.6 * 0.9]))
     assert torch.equal(out["masks"][0], out["masks"][1])
+
+
+@pytest.mark.parametrize("pad,img,ori", [((64, 96), (64, 96), (64, 96)),  # no crop, no resize
+                                         ((64, 96), (61, 90), (61, 90)),  # crop only
+                                         ((64, 96), (61, 90), (37, 55)),  # crop, then resize down
+                                         ((32, 32), (29, 31), (71, 80))])  # crop, then resize up
+@pytest.mark.parametrize("budget", [1, 3 * 64 * 96, 1 << 21])  # one mask, 3 masks, all at once
+def test_final_masks_equal_one_resize_of_all_masks(pad, img, ori, budget, monkeypatch):
+    from solo_fast.modeling import postprocess
+
+    g = torch.Generator().manual_seed(1)
+    soft = torch.rand(7, pad[0] // 4, pad[1] // 4, generator=g)
+    soft[2] = 0.5  # ties with the threshold everywhere
+    # The published formulation: every mask resized in one call, cropped, resized, thresholded.
+    full = torch.nn.functional.interpolate(soft[None], size=pad, mode="bilinear", align_corners=False)
+    full = full[:, :, : img[0], : img[1]]
+    if img != ori:
+        full = torch.nn.functional.interpolate(full, size=ori, mode="bilinear", align_corners=False)
+    monkeypatch.setattr(postprocess, "RESIZE_CHUNK_ELEMS", budget)
+    got = postprocess.final_masks(soft, pad, img, ori, 0.5)
+    assert got.dtype == torch.bool and got.shape == (7, *ori)
+    assert torch.equal(got, full[0] > 0.5)
+    assert postprocess.final_masks(soft[:0], pad, img, ori, 0.5).shape == (0, *ori)

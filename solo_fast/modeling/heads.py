@@ -46,20 +46,29 @@ def _resize(x: torch.Tensor, size) -> torch.Tensor:
 
 def per_level(levels: torch.Tensor, cells: torch.Tensor, num_levels: int, fn, empty):
     """``fn(level, cells_of_that_level)`` for each level -- a tensor, or a tuple of tensors
-    with one row per cell -- reassembled in the input order (``empty`` when no cells)."""
-    order = torch.argsort(levels, stable=True)
-    sorted_cells, sorted_levels = cells[order], levels[order]
-    parts = [fn(lvl, sorted_cells[sorted_levels == lvl]) for lvl in range(num_levels)]
+    with one row per cell -- reassembled in the input order (``empty`` when no cells).
+
+    Post-processing passes its cells level by level (ascending flat cell index), and then
+    the parts are joined as they come: no reordering copy, and no copy at all when every
+    cell is in one level."""
+    in_order = bool((levels[1:] >= levels[:-1]).all())
+    order = None if in_order else torch.argsort(levels, stable=True)
+    sorted_cells = cells if in_order else cells[order]
+    counts = torch.bincount(levels, minlength=num_levels).tolist()
+    starts = [sum(counts[:i]) for i in range(num_levels)]
+    parts = [fn(lvl, sorted_cells[starts[lvl] : starts[lvl] + counts[lvl]]) for lvl in range(num_levels)]
     parts = [p if isinstance(p, tuple) else (p,) for p in parts]
     parts = [p for p in parts if p[0].shape[0]]
     if not parts:
         return empty
     fields = []
     for field in zip(*parts):
-        joined = torch.cat(field)
-        out = torch.empty_like(joined)
-        out[order] = joined
-        fields.append(out)
+        joined = field[0] if len(field) == 1 else torch.cat(field)
+        if order is not None:
+            out = torch.empty_like(joined)
+            out[order] = joined
+            joined = out
+        fields.append(joined)
     return tuple(fields) if len(fields) > 1 else fields[0]
 
 
@@ -129,8 +138,14 @@ class SOLOHead(_GridHead):
     def positive_mask_probs(self, out, b: int, level: int, cells: torch.Tensor) -> torch.Tensor:
         return self._cell_logits(out["mask_feat"][level][b], level, cells).sigmoid()
 
+    def masks_are_dense(self) -> bool:
+        """On the reference backend every cell's mask is computed, as published: chunking the
+        candidates would save no memory there and would compute the same dense maps again
+        for every chunk, so post-processing does not chunk them."""
+        return _backend.current_backend() == "reference"
+
     def candidate_masks(self, out, b: int, levels: torch.Tensor, cells: torch.Tensor, mask_size, mask_thr: float):
-        dense = _backend.current_backend() == "reference"
+        dense = self.masks_are_dense()
         empty = mask_stats(out["mask_feat"][0].new_zeros((0, *mask_size)), mask_thr)
 
         def level_stats(level, sel):

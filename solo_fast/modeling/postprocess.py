@@ -41,23 +41,78 @@ def empty_result(ori_shape, device) -> Dict[str, torch.Tensor]:
     }
 
 
+# Elements of the float buffer that :func:`final_masks` resizes into at once (8 MB).
+RESIZE_CHUNK_ELEMS = 1 << 21
+
+
+def final_masks(soft: torch.Tensor, pad_shape, img_shape, ori_shape, mask_thr: float) -> torch.Tensor:
+    """Binary masks at the original image size from soft masks [N, h, w] at stride 4: resized
+    to the padded input, cropped to the image, resized to the original size, thresholded.
+
+    A few masks at a time: each mask is resized exactly as in one call over all of them
+    (bilinear interpolation treats every channel alone), but the float masks at full size
+    -- 430 MB for 100 masks at 800x1344, written once and read once -- never exist at
+    once; a small buffer stays in cache and needs no fresh pages."""
+    n = soft.shape[0]
+    out = torch.empty((n, *ori_shape), dtype=torch.bool, device=soft.device)
+    step = max(1, RESIZE_CHUNK_ELEMS // max(1, pad_shape[0] * pad_shape[1]))
+    for i in range(0, n, step):
+        # Soft masks: stride 4 -> padded input, crop the image, resize to the original size.
+        s = F.interpolate(soft[None, i : i + step].float(), size=tuple(pad_shape), mode="bilinear", align_corners=False)
+        s = s[:, :, : img_shape[0], : img_shape[1]]
+        if tuple(s.shape[-2:]) != tuple(ori_shape):  # a same-size bilinear resize is the identity
+            s = F.interpolate(s, size=tuple(ori_shape), mode="bilinear", align_corners=False)
+        torch.gt(s[0], mask_thr, out=out[i : i + step])
+    return out
+
+
+class _HeldSoftMasks:
+    """The soft masks of the cells that the best candidates use, left in the chunks that
+    computed them: only binary masks reach Matrix NMS, and soft masks are needed only for
+    the few detections it keeps, so copying every kept soft mask out of every chunk (about
+    270 MB at 800x1344) would be wasted. A chunk is let go once no best candidate uses
+    it; past ``limit`` held masks, those still used are gathered into one tensor, so at
+    most ``limit`` masks are held."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.parts = []  # (cells of the rows ascending, soft masks [rows, h, w])
+
+    def add(self, cells: torch.Tensor, soft: torch.Tensor, need: torch.Tensor) -> None:
+        self.parts.append((cells, soft))
+        self.parts = [(c, m) for c, m in self.parts if bool(torch.isin(need, c).any())]
+        if sum(m.shape[0] for _, m in self.parts) > self.limit:
+            self.parts = [(need, self.gather(need))]
+
+    def gather(self, cells: torch.Tensor) -> torch.Tensor:
+        """Soft masks of ``cells`` (each held), in that order."""
+        _, first = self.parts[0]
+        out = first.new_empty((cells.numel(), *first.shape[1:]))
+        for part_cells, soft in self.parts:
+            here = torch.isin(cells, part_cells)
+            out[here] = soft[torch.searchsorted(part_cells, cells[here])]
+        return out
+
+
 def _stream_top_masks(head, out, b, levels, cells, inv, cand_scores, strides, mask_size, thr, nms_pre, chunk):
     """Masks of thousands of cells, ``chunk`` at a time, keeping only those of the cells
     that the best ``nms_pre`` candidates so far use: memory stays bounded by
-    ``nms_pre + chunk`` masks and no mask is computed twice.
+    ``nms_pre + 2 * chunk`` masks and no mask is computed twice.
 
-    Returns every cell's area and maskness, and the soft and binary masks of the cells of
-    the final best candidates (ascending cell order). The selection rule is
-    :func:`postprocess_image`'s own -- valid candidates (area > stride), score x maskness,
-    stable descending sort, first ``nms_pre`` -- applied chunk by chunk; a top-k of a
-    union is the top-k of the partial top-ks, and candidates are cell-major, so each
-    chunk's candidates come after the earlier ones, as in the one-pass order.
+    Returns every cell's area and maskness, the binary masks of the cells of the final
+    best candidates (ascending cell order), and a function from positions in those cells
+    to their soft masks. The selection rule is :func:`postprocess_image`'s own -- valid
+    candidates (area > stride), score x maskness, stable descending sort, first
+    ``nms_pre`` -- applied chunk by chunk; a top-k of a union is the top-k of the partial
+    top-ks, and candidates are cell-major, so each chunk's candidates come after the
+    earlier ones, as in the one-pass order.
     """
     areas, masknesses = [], []
     best = inv.new_zeros(0)  # candidate indices, ascending
     best_scores = cand_scores.new_zeros(0)
     kept_cells = inv.new_zeros(0)
-    kept_soft = kept_binary = None
+    kept_binary = None
+    held = _HeldSoftMasks(limit=nms_pre + chunk)
     for i in range(0, cells.numel(), chunk):
         soft_c, binary_c, area_c, maskness_c = head.candidate_masks(
             out, b, levels[i : i + chunk], cells[i : i + chunk], mask_size, thr)
@@ -76,13 +131,13 @@ def _stream_top_masks(head, out, b, levels, cells, inv, cand_scores, strides, ma
         old = need < i
         pos_old = torch.searchsorted(kept_cells, need[old])
         pos_new = need[~old] - i
-        if kept_soft is None:
-            kept_soft, kept_binary = soft_c[pos_new], binary_c[pos_new]
+        if kept_binary is None:
+            kept_binary = binary_c[pos_new]
         else:
-            kept_soft = torch.cat([kept_soft[pos_old], soft_c[pos_new]])
             kept_binary = torch.cat([kept_binary[pos_old], binary_c[pos_new]])
         kept_cells = need
-    return kept_soft, kept_binary, torch.cat(areas), torch.cat(masknesses)
+        held.add(torch.arange(i, i + soft_c.shape[0], device=inv.device), soft_c, need)
+    return (lambda pos: held.gather(kept_cells[pos])), kept_binary, torch.cat(areas), torch.cat(masknesses)
 
 
 def postprocess_image(head, out, b: int, scores: torch.Tensor, meta: ImageMeta, cfg: dict) -> Dict[str, torch.Tensor]:
@@ -111,11 +166,13 @@ def postprocess_image(head, out, b: int, scores: torch.Tensor, meta: ImageMeta, 
     thr = cfg["mask_thr"]
     nms_pre = cfg["nms_pre"]
     chunk = cfg.get("mask_chunk", MASK_CHUNK)
-    streamed = cells.numel() > chunk
+    dense = getattr(head, "masks_are_dense", None)
+    streamed = cells.numel() > chunk and not (dense is not None and dense())
     if not streamed:
         soft_u, binary_u, area_u, maskness_u = head.candidate_masks(out, b, levels, cells, mask_size, thr)
+        soft_of = soft_u.__getitem__
     else:
-        soft_u, binary_u, area_u, maskness_u = _stream_top_masks(
+        soft_of, binary_u, area_u, maskness_u = _stream_top_masks(
             head, out, b, levels, cells, inv, cand_scores, strides, mask_size, thr, nms_pre, chunk)
     area = area_u[inv]
     keep = area.float() > strides
@@ -127,7 +184,7 @@ def postprocess_image(head, out, b: int, scores: torch.Tensor, meta: ImageMeta, 
     # candidate order so that it breaks ties exactly as it would on all of them.
     top = torch.sort(cand_scores, descending=True, stable=True).indices[:nms_pre].sort().values
     inv, area, labels, cand_scores = inv[top], area[top], labels[top], cand_scores[top]
-    if streamed:  # soft_u/binary_u hold the masks of exactly these cells, in ascending order
+    if streamed:  # binary_u (and soft_of) hold the masks of exactly these cells, in ascending order
         inv = torch.unique(inv, return_inverse=True)[1]
 
     nms_scores, nms_labels, _, keep_inds = ops.matrix_nms(
@@ -136,14 +193,8 @@ def postprocess_image(head, out, b: int, scores: torch.Tensor, meta: ImageMeta, 
     )
     if nms_scores.numel() == 0:
         return empty_result(meta.ori_shape, device)
-    soft = soft_u[inv[keep_inds]].float()[None]
-    # Soft masks: stride 4 -> padded input, crop the image, resize to the original size.
-    soft = F.interpolate(soft, size=(H, W), mode="bilinear", align_corners=False)
-    soft = soft[:, :, : meta.img_shape[0], : meta.img_shape[1]]
-    if tuple(soft.shape[-2:]) != tuple(meta.ori_shape):  # a same-size bilinear resize is the identity
-        soft = F.interpolate(soft, size=meta.ori_shape, mode="bilinear", align_corners=False)
-    soft = soft[0]
-    return {"masks": soft > cfg["mask_thr"], "scores": nms_scores, "labels": nms_labels}
+    masks = final_masks(soft_of(inv[keep_inds]), (H, W), meta.img_shape, meta.ori_shape, cfg["mask_thr"])
+    return {"masks": masks, "scores": nms_scores, "labels": nms_labels}
 
 
 def postprocess(head, out, metas: List[ImageMeta], cfg: dict) -> List[Dict[str, torch.Tensor]]:
