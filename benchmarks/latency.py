@@ -190,6 +190,32 @@ def e2e_cases(device, quick: bool, models=E2E_MODELS) -> List[Dict]:
     return cases
 
 
+def output_agreement(ref: List[Dict], fast: List[Dict]) -> Dict:
+    """How far the fast path's detections on one image are from the reference's."""
+    r, f = ref[0], fast[0]
+    n = min(r["scores"].numel(), f["scores"].numel())
+    return {
+        "detections": [r["scores"].numel(), f["scores"].numel()],
+        "labels_equal": r["labels"].shape == f["labels"].shape and torch.equal(r["labels"].cpu(), f["labels"].cpu()),
+        "max_score_diff": float((r["scores"][:n] - f["scores"][:n]).abs().max()) if n else 0.0,
+        "mask_pixels_differing": int((r["masks"][:n] != f["masks"][:n]).sum()),
+        "mask_pixels": int(r["masks"][:n].numel()),
+    }
+
+
+def describe_agreement(a: Dict) -> str:
+    nr, nf = a["detections"]
+    same = f"same {nr} labels" if a["labels_equal"] else f"labels DIFFER ({nr} vs {nf} detections)"
+    return (f"{same}, |dscore| <= {a['max_score_diff']:.1e}, "
+            f"{a['mask_pixels_differing']} of {a['mask_pixels']} mask pixels differ")
+
+
+def allocator_settings() -> Dict[str, str]:
+    """Environment that changes how the C allocator gives memory back: on the CPU, page
+    faults from fresh large allocations are a large share of a model's time."""
+    return {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k in ("LD_PRELOAD", "THP_MEM_ALLOC_ENABLE")}
+
+
 def backends_for(case: Dict, device) -> List[str]:
     if case["op"].startswith("e2e"):
         return ["reference", "auto"]
@@ -235,7 +261,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         triton_version = None
     info = {"device": device_name(device), "torch": torch.__version__, "triton": triton_version,
             "solo_fast": solo_fast.__version__, "python": platform.python_version(),
-            "date": time.strftime("%Y-%m-%d"), "quick": args.quick, "argv": sys.argv[1:]}
+            "date": time.strftime("%Y-%m-%d"), "quick": args.quick, "argv": sys.argv[1:],
+            "allocator": allocator_settings()}
     try:
         import subprocess
         info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -243,7 +270,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except OSError:
         info["commit"] = None
     peak = next((v for k, v in GPU_PEAKS.items() if k in info["device"]), None) if device.type == "cuda" else None
-    print(f"# {info['device']} | torch {info['torch']} | triton {triton_version} | commit {info['commit']} | {info['date']}")
+    print(f"# {info['device']} | torch {info['torch']} | triton {triton_version} | commit {info['commit']} | {info['date']}"
+          f" | allocator env {info['allocator'] or 'default'}")
     header = f"{'op':<22} {'case':<36} {'backend':<10} {'median ms':>10} {'p20':>9} {'p80':>9} {'speed-up':>9}  notes"
     print(header)
     print("-" * len(header))
@@ -251,9 +279,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     for case in cases:
         run = case["make"]()
         ref_ms = None
+        outputs = {}
         for backend in backends_for(case, device):
             heavy = case["op"].startswith("e2e")
-            stats = measure(lambda: run(backend), device, warmup=1 if heavy else 2,
+            stats = measure(lambda: outputs.__setitem__(backend, run(backend)), device, warmup=1 if heavy else 2,
                             repeats=min(repeats, 5) if heavy else repeats, max_seconds=60 if heavy else 20)
             if backend == "reference":
                 ref_ms = stats["median_ms"]
@@ -266,6 +295,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                 rate = peak[case.get("precision", "fp16")]
                 floor = max(case.get("flops", 0) / rate, case.get("bytes", 0) / peak["bw"]) * 1e3
                 notes.append(f"floor {floor * 1e3:.1f} us")
+            if case["op"] == "e2e_inference" and backend != "reference":
+                agreement = output_agreement(outputs["reference"], outputs[backend])
+                notes.append(describe_agreement(agreement))
+                stats = {**stats, "agreement": agreement}
             row = {"op": case["op"], "case": case["label"], "backend": backend, **stats,
                    "speedup": ref_ms / stats["median_ms"] if ref_ms else None,
                    "flops": case.get("flops"), "bytes": case.get("bytes")}
