@@ -16,6 +16,10 @@ import argparse
 import json
 import os
 import platform
+try:
+    import resource
+except ImportError:  # not on Windows
+    resource = None
 import statistics
 import sys
 import time
@@ -46,6 +50,8 @@ def measure(fn: Callable[[], object], device: torch.device, warmup: int, repeats
         fn()
     sync(device)
     times: List[float] = []
+    faults: List[int] = []  # CPU: page faults and kernel time of each run (fresh memory the OS hands out)
+    sys_s: List[float] = []
     budget_end = time.perf_counter() + max_seconds
     for _ in range(repeats):
         if device.type == "cuda":
@@ -56,13 +62,21 @@ def measure(fn: Callable[[], object], device: torch.device, warmup: int, repeats
             end.synchronize()
             times.append(start.elapsed_time(end))
         else:
+            before = resource.getrusage(resource.RUSAGE_SELF) if resource else None
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
+            if before is not None:
+                after = resource.getrusage(resource.RUSAGE_SELF)
+                faults.append(after.ru_minflt - before.ru_minflt)
+                sys_s.append(after.ru_stime - before.ru_stime)
         if time.perf_counter() > budget_end and len(times) >= 3:
             break
     q = statistics.quantiles(times, n=5, method="inclusive") if len(times) >= 2 else [times[0]] * 4
-    return {"median_ms": statistics.median(times), "p20_ms": q[0], "p80_ms": q[3], "runs": len(times)}
+    stats = {"median_ms": statistics.median(times), "p20_ms": q[0], "p80_ms": q[3], "runs": len(times)}
+    if faults:
+        stats.update(page_faults=statistics.median(faults), sys_s=statistics.median(sys_s))
+    return stats
 
 
 # --------------------------------------------------------------------------------------
@@ -240,7 +254,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="smaller inputs and fewer repeats")
     p.add_argument("--ops", default="all",
-                   help="comma-separated: matrix_nms, center_region_assign, mask_predict, coord_conv2d, e2e (or all)")
+                   help="comma-separated: matrix_nms, center_region_assign, mask_predict, coord_conv2d, "
+                        "e2e (= e2e_inference,e2e_train_step) (or all)")
     p.add_argument("--models", default=",".join(E2E_MODELS), help="comma-separated configs of the e2e rows")
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--json", default="benchmarks/latency.json")
@@ -250,8 +265,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         raise SystemExit("--device cuda: no CUDA device here")
     wanted = set(args.ops.split(","))
     cases = [c for c in op_cases(device, args.quick) if "all" in wanted or c["op"] in wanted]
-    if "all" in wanted or "e2e" in wanted:
-        cases += e2e_cases(device, args.quick, [m for m in args.models.split(",") if m])
+    if wanted & {"all", "e2e", "e2e_inference", "e2e_train_step"}:
+        cases += [c for c in e2e_cases(device, args.quick, [m for m in args.models.split(",") if m])
+                  if wanted & {"all", "e2e", c["op"]}]
     repeats = args.repeats or (5 if args.quick else 20)
 
     try:
@@ -287,6 +303,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             if backend == "reference":
                 ref_ms = stats["median_ms"]
             notes = []
+            if heavy and "page_faults" in stats:
+                notes.append(f"{stats['page_faults'] / 1e3:.0f}k page faults, {stats['sys_s']:.1f} s in the kernel per run")
             if "flops" in case:
                 notes.append(f"{case['flops'] / 1e9:.2f} GFLOP")
             if "bytes" in case:
