@@ -19,7 +19,8 @@ def _result(n=3, h=5, w=7):
 def test_identical_outputs_agree_exactly():
     a = latency.output_agreement([_result()], [_result()])
     assert a == {"detections": [3, 3], "labels_equal": True, "max_score_diff": 0.0,
-                 "mask_pixels_differing": 0, "mask_pixels": 3 * 5 * 7}
+                 "mask_pixels_differing": 0, "mask_pixels": 3 * 5 * 7,
+                 "moved": 0, "matched_max_score_diff": 0.0, "matched_min_iou": 1.0}
     assert latency.describe_agreement(a).startswith("same 3 labels")
 
 
@@ -43,3 +44,19 @@ def test_other_labels_or_counts_are_reported():
     assert a["detections"] == [3, 2] and not a["labels_equal"] and a["mask_pixels"] == 2 * 5 * 7
     assert "DIFFER" in latency.describe_agreement(a)
     assert latency.output_agreement([_result(0)], [_result(0)])["max_score_diff"] == 0.0
+
+
+def test_detections_that_trade_places_are_matched_by_mask():
+    ref = _result(4, 6, 6)
+    for i in range(4):  # four distinct masks
+        ref["masks"][i] = False
+        ref["masks"][i, i, :] = True
+    fast = {k: v.clone() for k, v in ref.items()}
+    fast["masks"][[1, 2]] = ref["masks"][[2, 1]]
+    fast["scores"][[1, 2]] = ref["scores"][[2, 1]]
+    fast["labels"][[1, 2]] = ref["labels"][[2, 1]]
+    a = latency.output_agreement([ref], [fast])
+    assert a["moved"] == 2 and a["matched_max_score_diff"] == 0.0 and a["matched_min_iou"] == 1.0
+    assert not a["labels_equal"] and a["max_score_diff"] > 0.1 and a["mask_pixels_differing"] == 4 * 6
+    assert "2 at another position" in latency.describe_agreement(a)
+    assert latency.output_agreement([ref], [ref])["moved"] == 0
