@@ -30,7 +30,9 @@ class FPN(nn.Module):
     def forward(self, feats: Sequence[torch.Tensor]) -> List[torch.Tensor]:
         laterals = [conv(f) for conv, f in zip(self.lateral_convs, feats)]
         for i in range(len(laterals) - 1, 0, -1):
-            laterals[i - 1] = laterals[i - 1] + F.interpolate(laterals[i], size=laterals[i - 1].shape[-2:], mode="nearest")
+            # In place: the lateral conv's output is its own fresh tensor, and a conv's
+            # backward does not need its output.
+            laterals[i - 1] += F.interpolate(laterals[i], size=laterals[i - 1].shape[-2:], mode="nearest")
         outs = [conv(lat) for conv, lat in zip(self.fpn_convs, laterals)]
         while len(outs) < self.num_outs:
             outs.append(F.max_pool2d(outs[-1], 1, stride=2))
