@@ -92,3 +92,26 @@ def test_chunked_candidates_equal_one_pass(name, monkeypatch):
     assert torch.equal(one.labels, chunked.labels) and torch.equal(one.masks, chunked.masks)
     # A GEMM over fewer rows may round differently in the last bit (MKL), hence not rtol=0.
     torch.testing.assert_close(one.scores, chunked.scores, rtol=1e-6, atol=1e-7)
+
+
+def test_reference_computes_each_dense_solo_level_once(monkeypatch):
+    """With more candidate cells than a chunk, the fast path streams them; the reference,
+    which computes all S² masks of a level anyway, must not run a level's dense conv again
+    for every chunk (that would only make the reference slower than published)."""
+    from solo_fast.modeling import postprocess
+
+    model = _model("solo_r18_fpn")
+    calls = []
+    for level, conv in enumerate(model.mask_head.conv_mask_list):
+        conv.register_forward_hook(lambda mod, args, out, level=level: calls.append(level))
+    monkeypatch.setattr(postprocess, "MASK_CHUNK", 7)
+    img = torch.rand(3, 96, 128)
+    kw = dict(score_thr=0.05, filter_thr=0.02, nms_pre=40, max_per_img=20)
+    with solo_fast.use_backend("reference"):
+        ref = model.predict(img, **kw)[0]
+    assert len(ref) > 0 and calls and len(calls) == len(set(calls))
+    calls.clear()
+    fast = model.predict(img, **kw)[0]  # streamed: the dense convs do not run at all
+    assert calls == []
+    assert torch.equal(ref.labels, fast.labels)
+    torch.testing.assert_close(ref.scores, fast.scores, rtol=0, atol=1e-5)
