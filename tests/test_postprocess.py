@@ -130,14 +130,24 @@ def test_two_pass_chunks_give_the_same_answer():
     assert len(full["scores"]) == 8
 
 
-def test_per_level_keeps_input_order():
+def test_per_level_joins_levels_in_order():
     from solo_fast.modeling.heads import per_level
 
-    levels = torch.tensor([2, 0, 1, 0, 2])
-    cells = torch.tensor([5, 1, 7, 3, 0])
-    out = per_level(levels, cells, 3, lambda lvl, sel: torch.stack([sel * 10 + lvl, sel]).t().float(),
-                    torch.zeros(0, 2))
-    assert out.tolist() == [[52, 5], [10, 1], [71, 7], [30, 3], [2, 0]]
+    levels = torch.tensor([0, 0, 2, 2, 2])
+    cells = torch.tensor([1, 3, 0, 5, 7])
+    seen = []
+
+    def fn(lvl, sel):
+        seen.append((lvl, sel.tolist()))
+        return torch.stack([sel * 10 + lvl, sel]).t().float(), sel.float()
+
+    rows, second = per_level(levels, cells, 3, fn, (torch.zeros(0, 2), torch.zeros(0)))
+    assert seen == [(0, [1, 3]), (1, []), (2, [0, 5, 7])]
+    assert rows.tolist() == [[10, 1], [30, 3], [2, 0], [52, 5], [72, 7]] and second.tolist() == [1, 3, 0, 5, 7]
+    empty = torch.zeros(0, 2)
+    assert per_level(levels[:0], cells[:0], 3, lambda lvl, sel: sel[:, None].float().expand(-1, 2), empty) is empty
+    with pytest.raises(ValueError, match="levels"):
+        per_level(torch.tensor([2, 0]), torch.tensor([5, 1]), 3, fn, empty)
 
 
 def test_one_cell_two_classes_shares_its_mask():

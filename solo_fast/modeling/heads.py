@@ -46,29 +46,26 @@ def _resize(x: torch.Tensor, size) -> torch.Tensor:
 
 def per_level(levels: torch.Tensor, cells: torch.Tensor, num_levels: int, fn, empty):
     """``fn(level, cells_of_that_level)`` for each level -- a tensor, or a tuple of tensors
-    with one row per cell -- reassembled in the input order (``empty`` when no cells).
+    with one row per cell -- joined in the input order (``empty`` when no cells).
 
-    Post-processing passes its cells level by level (ascending flat cell index), and then
-    the parts are joined as they come: no reordering copy, and no copy at all when every
-    cell is in one level."""
-    in_order = bool((levels[1:] >= levels[:-1]).all())
-    order = None if in_order else torch.argsort(levels, stable=True)
-    sorted_cells = cells if in_order else cells[order]
-    counts = torch.bincount(levels, minlength=num_levels).tolist()
-    starts = [sum(counts[:i]) for i in range(num_levels)]
-    parts = [fn(lvl, sorted_cells[starts[lvl] : starts[lvl] + counts[lvl]]) for lvl in range(num_levels)]
-    parts = [p if isinstance(p, tuple) else (p,) for p in parts]
-    parts = [p for p in parts if p[0].shape[0]]
+    ``levels`` must be non-decreasing, as post-processing passes its cells (ascending flat
+    cell index, level by level): each level is then a slice, and the parts are joined as
+    they come, with no copy at all when every cell is in one level."""
+    # The level counts and the order check in one device-to-host read.
+    counts = torch.cat([torch.bincount(levels, minlength=num_levels),
+                        (levels[1:] < levels[:-1]).sum().reshape(1)]).tolist()
+    if counts.pop():
+        raise ValueError("levels: expected non-decreasing levels (cells in flat cell order)")
+    parts, start = [], 0
+    for lvl, n in enumerate(counts):
+        part = fn(lvl, cells[start : start + n])
+        start += n
+        part = part if isinstance(part, tuple) else (part,)
+        if part[0].shape[0]:
+            parts.append(part)
     if not parts:
         return empty
-    fields = []
-    for field in zip(*parts):
-        joined = field[0] if len(field) == 1 else torch.cat(field)
-        if order is not None:
-            out = torch.empty_like(joined)
-            out[order] = joined
-            joined = out
-        fields.append(joined)
+    fields = [field[0] if len(field) == 1 else torch.cat(field) for field in zip(*parts)]
     return tuple(fields) if len(fields) > 1 else fields[0]
 
 
@@ -156,11 +153,13 @@ class SOLOHead(_GridHead):
             if dense:  # as published: all S² masks, sigmoid, upsampled, then gathered
                 soft = self.conv_mask_list[level](feat[None]).sigmoid()
                 return mask_stats(_resize(soft, mask_size)[0][sel], mask_thr)
-            stats = ops.mask_predict(feat, conv.weight[sel, :, 0, 0], conv.bias[sel],
-                                     mask_thr=mask_thr, out_dtype=torch.float32)
             if tuple(feat.shape[-2:]) == tuple(mask_size):  # levels 0-1: already at stride 4
-                return stats
-            return mask_stats(_resize(stats[0][None], mask_size)[0], mask_thr)
+                return ops.mask_predict(feat, conv.weight[sel, :, 0, 0], conv.bias[sel],
+                                        mask_thr=mask_thr, out_dtype=torch.float32)
+            # Coarser levels: the statistics belong to the masks resized to stride 4, so only
+            # the soft masks are computed at the level's size (mask_predict's would be discarded).
+            soft = self._cell_logits(feat, level, sel).sigmoid()
+            return mask_stats(_resize(soft[None], mask_size)[0], mask_thr)
 
         return per_level(levels, cells, len(self.num_grids), level_stats, empty)
 
