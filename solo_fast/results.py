@@ -37,6 +37,11 @@ def _check_image_array(img, size, name: str) -> None:
         raise ValueError(f"{name}: expected the masks' size {size} (height, width), got {tuple(img.shape[:2])}")
 
 
+def _check_class_names(names, name: str) -> None:
+    if names is not None and (isinstance(names, str) or not all(isinstance(c, str) for c in names)):
+        raise ValueError(f"{name}: expected a sequence of str")
+
+
 def _palette(n: int) -> List[tuple]:
     # Evenly spaced hues, so neighbouring instances are easy to tell apart.
     import colorsys
@@ -69,9 +74,7 @@ class SOLOResult:
                 raise ValueError(f"{name}: expected {kind} tensor of shape {list(shape)} (one per mask), got {_describe(t)}")
         if self.image is not None:
             _check_image_array(self.image, tuple(m.shape[1:]), "image")
-        if self.class_names is not None and (isinstance(self.class_names, str)
-                                             or not all(isinstance(c, str) for c in self.class_names)):
-            raise ValueError("class_names: expected a sequence of str")
+        _check_class_names(self.class_names, "class_names")
 
     def __len__(self) -> int:
         return int(self.scores.numel())
@@ -123,8 +126,7 @@ class SOLOResult:
             raise ValueError(f"alpha: expected a number in [0, 1], got {alpha!r}")
         if isinstance(score_thr, bool) or not isinstance(score_thr, (int, float)) or math.isnan(score_thr):
             raise ValueError(f"score_thr: expected a number, got {score_thr!r}")
-        if class_names is not None and (isinstance(class_names, str) or not all(isinstance(c, str) for c in class_names)):
-            raise ValueError("class_names: expected a sequence of str")
+        _check_class_names(class_names, "class_names")
         canvas = np.asarray(img, dtype=np.float32).copy()
         names = class_names or self.class_names
         keep = [i for i in range(len(self)) if float(self.scores[i]) >= score_thr]

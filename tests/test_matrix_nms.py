@@ -7,10 +7,11 @@ import torch
 
 import solo_fast.ops as ops
 from solo_fast.ops import _matrix_nms, reference
+from solo_fast.ops._triton_support import triton_available
 
 CPU_OK = _matrix_nms.cpu_available("cpu")
 DEVICE_TRITON = "cuda" if torch.cuda.is_available() else "cpu"
-TRITON_OK = _matrix_nms.triton_available(DEVICE_TRITON)
+TRITON_OK = triton_available(DEVICE_TRITON)
 
 needs_cpu = pytest.mark.skipif(not CPU_OK, reason="solo_fast._C (matrix_nms_decay_popcount) is not built")
 needs_triton = pytest.mark.skipif(

@@ -78,7 +78,7 @@ def get_config(name: str, **overrides: Any) -> Dict[str, Any]:
         if key not in cfg:
             raise ValueError(f"{key}: not a setting of config {name!r}; known settings: {sorted(cfg)}")
         cfg[key] = value
-    _check_values(cfg)
+    check_values(cfg)
     if len(cfg["num_grids"]) != len(cfg["strides"]) or len(cfg["scale_ranges"]) != len(cfg["strides"]):
         raise ValueError("num_grids, strides, scale_ranges: expected one entry per FPN level (5)")
     cfg["name"] = name
@@ -93,7 +93,7 @@ def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _check_values(cfg: Dict[str, Any]) -> None:
+def check_values(cfg: Dict[str, Any]) -> None:
     """Types and ranges of every setting, so a bad override fails here, naming the setting,
     rather than deep inside the model."""
 

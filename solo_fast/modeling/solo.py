@@ -139,14 +139,7 @@ class SOLO(nn.Module):
             if key not in configs.TEST_KEYS:
                 raise ValueError(f"{key}: not an inference setting; expected one of {configs.TEST_KEYS}")
             cfg[key] = value
-        for key in ("score_thr", "mask_thr", "filter_thr"):
-            v = cfg[key]
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
-                raise ValueError(f"{key}: expected a number in [0, 1], got {v!r}")
-        for key in ("nms_pre", "max_per_img"):
-            v = cfg[key]
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ValueError(f"{key}: expected a positive int, got {v!r}")
+        configs.check_values(cfg)  # the same rules as for the model's own settings
         return cfg
 
     @torch.no_grad()

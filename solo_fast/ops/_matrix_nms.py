@@ -16,7 +16,7 @@ import functools
 
 import torch
 
-from ._triton_support import lazy_triton_op, opaque_under_interpreter, triton_available  # noqa: F401 (tests use it)
+from ._triton_support import lazy_triton_op, opaque_under_interpreter
 from .. import _backend, _ext
 from . import reference
 
