@@ -17,6 +17,9 @@ class FakeHead:
         self.num_grids = list(num_grids)
         self.masks_by_cell = masks_by_cell  # {(level, cell): [h, w] soft mask}
 
+    def masks_are_dense(self):
+        return False
+
     def candidate_masks(self, out, b, levels, cells, mask_size, mask_thr):
         soft = torch.stack([self.masks_by_cell[(int(l), int(c))] for l, c in zip(levels, cells)])
         assert soft.shape[1:] == mask_size

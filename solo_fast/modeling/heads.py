@@ -7,7 +7,9 @@ Every head follows the same protocol, used by :mod:`solo_fast.modeling.solo`:
 - ``positive_mask_probs(out, b, level, cells)`` -> mask probabilities ``[P, h, w]`` of the
   given cells of image ``b``, at the resolution of that level's mask targets (training);
 - ``candidate_masks(out, b, level_of_cell, cells, mask_size, mask_thr)`` -> ``(soft, binary,
-  area, maskness)`` of the candidate cells at stride 4 (inference).
+  area, maskness)`` of the candidate cells at stride 4 (inference);
+- ``masks_are_dense()`` -> whether ``candidate_masks`` computes every cell's mask anyway
+  (then post-processing does not split the candidates into chunks).
 
 Only the cells that are needed have their masks computed (positive cells in training,
 candidates at inference), except on the reference backend, where SOLO's mask branch runs
@@ -98,6 +100,11 @@ class _GridHead(nn.Module):
         self.num_grids = list(num_grids)
         self.cls_convs = _tower(in_channels, feat_channels, stacked_convs, None)
         self.conv_cls = _init_normal(nn.Conv2d(feat_channels, num_classes, 3, padding=1), 0.01)
+
+    def masks_are_dense(self) -> bool:
+        """Whether candidate_masks computes every cell's mask whatever cells it is asked for;
+        post-processing then asks once rather than chunk by chunk."""
+        return False
 
     def class_logits(self, x: torch.Tensor, level: int) -> torch.Tensor:
         S = self.num_grids[level]

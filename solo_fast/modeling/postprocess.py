@@ -170,8 +170,7 @@ def postprocess_image(head, out, b: int, scores: torch.Tensor, meta: ImageMeta, 
     thr = cfg["mask_thr"]
     nms_pre = cfg["nms_pre"]
     chunk = cfg.get("mask_chunk", MASK_CHUNK)
-    dense = getattr(head, "masks_are_dense", None)
-    streamed = cells.numel() > chunk and not (dense is not None and dense())
+    streamed = cells.numel() > chunk and not head.masks_are_dense()
     if not streamed:
         soft_u, binary_u, area_u, maskness_u = head.candidate_masks(out, b, levels, cells, mask_size, thr)
         soft_of = soft_u.__getitem__
