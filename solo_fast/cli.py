@@ -146,7 +146,11 @@ def cmd_train(args) -> int:
         _need_dir(args.val_images, "--val-images")
     overrides = {}
     if args.min_size is not None:
-        overrides["min_size"] = args.min_size[0] if len(args.min_size) == 1 else tuple(args.min_size)
+        overrides["min_size"] = args.min_size
+    if args.train_min_size is not None:
+        overrides["train_min_size"] = tuple(args.train_min_size)
+    if args.flip_prob is not None:
+        overrides["flip_prob"] = args.flip_prob
     if args.max_size is not None:
         overrides["max_size"] = args.max_size
     if args.num_grids is not None:
@@ -160,8 +164,8 @@ def cmd_train(args) -> int:
         raise FileNotFoundError(f"--resume: no {STATE_FILE} in {args.out!r} to resume from")
     from solo_fast.data import CocoDataset
 
-    dataset = CocoDataset(args.train_ann, args.train_images, train=True, flip_prob=args.flip_prob)
-    val = CocoDataset(args.val_ann, args.val_images, train=False) if args.val_ann is not None else None
+    dataset = CocoDataset(args.train_ann, args.train_images)
+    val = CocoDataset(args.val_ann, args.val_images) if args.val_ann is not None else None
     if val is not None and list(val.cat_ids) != list(dataset.cat_ids):
         raise ValueError(f"--val-ann: its categories {list(val.cat_ids)} differ from the training set's "
                          f"{list(dataset.cat_ids)}")
@@ -196,7 +200,7 @@ def cmd_eval(args) -> int:
     _need_dir(args.images, "--images")
     from solo_fast.data import CocoDataset
 
-    dataset = CocoDataset(args.ann, args.images, train=False)
+    dataset = CocoDataset(args.ann, args.images)
     if model.num_classes != len(dataset.cat_ids):
         raise ValueError(f"--checkpoint: {args.checkpoint!r} is a {model.config_name} model for "
                          f"{model.num_classes} classes, but {args.ann!r} has {len(dataset.cat_ids)} categories")
@@ -246,14 +250,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--momentum", type=float, default=0.9)
     t.add_argument("--weight-decay", type=float, default=1e-4)
     t.add_argument("--grad-clip", type=float, default=35.0, help="max gradient norm (0: off)")
-    t.add_argument("--min-size", type=int, nargs="+", metavar="SIZE", help="short side(s); several: multi-scale training")
+    t.add_argument("--min-size", type=int, metavar="SIZE",
+                   help="short side at test time (and in training, unless --train-min-size is given)")
+    t.add_argument("--train-min-size", type=int, nargs="+", metavar="SIZE",
+                   help="short sides that training draws from, one per image (default: the config's published scales)")
     t.add_argument("--max-size", type=int, help="long side limit")
     t.add_argument("--num-grids", type=int, nargs=5, metavar="S", help="grid size S of each of the 5 levels")
     t.add_argument("--frozen-stages", type=int, default=None,
                    help="backbone stages kept frozen (default 1: stem + layer1; -1: none, for training from scratch)")
     t.add_argument("--live-bn", action="store_true",
                    help="BatchNorm learns and uses batch statistics (norm_eval off; for training from scratch)")
-    t.add_argument("--flip-prob", type=float, default=0.5)
+    t.add_argument("--flip-prob", type=float, help="training's horizontal flip probability (default 0.5)")
     t.add_argument("--num-workers", type=int, default=2)
     t.add_argument("--log-every", type=int, default=20)
     t.add_argument("--eval-every", type=int, default=0, help="epochs between evaluations (0: after the last)")

@@ -87,7 +87,7 @@ def draw_predictions(model, dataset, path: str, *, num_images: int = 8, score_th
     tiles = []
     for i in range(n):
         img, target = dataset[i]
-        arr = (img.permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy()
+        arr = img.permute(1, 2, 0).numpy()  # the dataset's uint8 CHW image, as HWC for drawing
         gt_masks = target["masks"].bool()
         gt = SOLOResult(gt_masks, torch.ones(len(gt_masks)), target["labels"], masks_to_boxes(gt_masks),
                         image=arr, class_names=model.class_names).draw()
@@ -118,8 +118,8 @@ def run_demo(out: str = "out/demo", *, recipe: Optional[DemoRecipe] = None, num_
     print(f"solo_fast {solo_fast.__version__} demo: writing {recipe.num_train} + {recipe.num_val} synthetic "
           f"{recipe.image_size}x{recipe.image_size} shape images to {data_root}", flush=True)
     paths = _write_data(data_root, recipe)
-    train_set = CocoDataset(paths["train"], shapes_image_dir(data_root, "train"), train=True)
-    val_set = CocoDataset(paths["val"], shapes_image_dir(data_root, "val"), train=False)
+    train_set = CocoDataset(paths["train"], shapes_image_dir(data_root, "train"))
+    val_set = CocoDataset(paths["val"], shapes_image_dir(data_root, "val"))
 
     torch.manual_seed(recipe.seed)
     s = recipe.image_size

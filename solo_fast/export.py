@@ -34,7 +34,6 @@ from torch import nn
 from ._backend import use_backend
 from .modeling.heads import DecoupledSOLOHead, SOLOHead, SOLOV2Head
 from .modeling.postprocess import flat_scores
-from .modeling.transform import rescaled_size
 from .ops.reference import mask_stats, matrix_decay
 
 OUTPUT_NAMES = ("masks", "scores", "labels", "num_valid")
@@ -104,9 +103,8 @@ class ExportableSOLO(nn.Module):
         # Sizes of the model's input transform for this input size, fixed now.
         tf = model.transform
         h0, w0 = self.input_size
-        self.img_shape = rescaled_size(h0, w0, tf.min_size[-1], tf.max_size)
-        d = tf.size_divisor
-        self.pad_shape = (-(-self.img_shape[0] // d) * d, -(-self.img_shape[1] // d) * d)
+        self.img_shape = tf.test_size(h0, w0)
+        self.pad_shape = tf.pad_size(*self.img_shape)
         H, W = self.pad_shape
         if H < 32 or W < 32:
             raise ValueError(f"input_size: {tuple(input_size)} gives a padded input of {self.pad_shape}; "

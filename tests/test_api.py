@@ -25,15 +25,21 @@ def test_predict_accepts_every_image_kind(model, tmp_path):
     arr = (np.random.RandomState(0).rand(50, 70, 3) * 255).astype(np.uint8)
     path = tmp_path / "img.png"
     Image.fromarray(arr).save(path)
-    tensor = torch.from_numpy(arr).permute(2, 0, 1).float() / 255
+    chw = torch.from_numpy(arr).permute(2, 0, 1)
     kw = dict(score_thr=0.01, nms_pre=20, max_per_img=5)
-    results = [model.predict(x, **kw)[0] for x in (str(path), Image.fromarray(arr), arr, tensor)]
-    results += model.predict([arr, tensor], **kw)
-    for r in results:
+    results = [model.predict(x, **kw)[0] for x in (str(path), Image.fromarray(arr), arr, chw)]
+    results += model.predict([arr, chw], **kw)
+    floats = [model.predict(chw.float() / 255, **kw)[0]]
+    for r in results + floats:
         assert r.masks.shape[1:] == (50, 70) and r.masks.dtype == torch.bool
         assert len(r) <= 5 and r.boxes.shape == (len(r), 4)
-    # Every kind of input gives the same answer.
-    for r in results[1:]:
+        assert r.image.shape == (50, 70, 3) and np.array_equal(r.image, arr)
+    # Every uint8 kind of input (the OpenCV path) gives the same answer: bit for bit alone
+    # (one network input), to rounding in a batch of two (other conv blockings).
+    assert len(results[0]) > 0
+    for r in results[1:4]:
+        assert torch.equal(r.scores, results[0].scores) and torch.equal(r.masks, results[0].masks)
+    for r in results[4:]:
         torch.testing.assert_close(r.scores, results[0].scores)
         assert torch.equal(r.masks, results[0].masks)
     assert not model.training

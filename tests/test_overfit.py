@@ -25,7 +25,7 @@ def train_on_scene(iters: int):
     the model (in train mode) and the loss history."""
     img, masks, labels = scene()
     torch.manual_seed(0)
-    model = solo_fast.SOLO("solov2_light_r18_fpn", num_classes=3, min_size=128, max_size=128,
+    model = solo_fast.SOLO("solov2_light_r18_fpn", num_classes=3, min_size=128, max_size=128, flip_prob=0.0,
                            num_grids=(12, 10, 8, 6, 4))
     params = [p for p in model.parameters() if p.requires_grad]
     base_lr, warmup = 0.003, 20

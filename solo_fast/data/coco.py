@@ -1,9 +1,10 @@
 """COCO-format instance segmentation data (a json file + an image folder) on pycocotools.
 
-The dataset only decodes: images come back at their original size in [0, 1] and masks
-at the same size. Resizing (multi-scale included), normalising and padding are the
-model's job (``SOLO.transform``, an ``InputTransform``), so that train and eval see one
-code path; the only augmentation here is the training-time horizontal flip.
+The dataset only decodes, as mmdetection's ``LoadImageFromFile`` and ``LoadAnnotations``
+do: images come back at their original size as uint8 (OpenCV's decoder) and masks at the
+same size. Resizing (multi-scale included), the horizontal flip, normalising and padding
+are the model's job (``SOLO.transform``, an ``InputTransform``), in mmdetection's order,
+so that train and eval see one code path.
 """
 from __future__ import annotations
 
@@ -55,8 +56,8 @@ def _hashable(x) -> bool:
 class CocoDataset(torch.utils.data.Dataset):
     """Instance masks of a COCO json (``ann_file``) over the images in ``img_dir``.
 
-    ``dataset[i]`` is ``(image, target)``: image a float32 CHW RGB tensor in [0, 1] at
-    the original size, target ``{"masks": uint8 [M, H, W], "labels": int64 [M],
+    ``dataset[i]`` is ``(image, target)``: image a uint8 CHW RGB tensor at the original
+    size (decoded by ``cv2.imdecode`` as mmdetection does, EXIF orientation applied), target ``{"masks": uint8 [M, H, W], "labels": int64 [M],
     "image_id": int, "orig_size": (H, W)}``. Labels are contiguous, 0..C-1, in the order of
     ascending category id: ``cat_ids[label]`` (also ``label_to_cat_id``) is the original
     id and ``cat_id_to_label`` the inverse, ``class_names[label]`` the name. Pass
@@ -65,14 +66,14 @@ class CocoDataset(torch.utils.data.Dataset):
     Segmentations may be polygons or RLE (compressed or uncompressed); ``iscrowd=1``
     annotations are skipped, and so are polygons with fewer than 3 points (an
     annotation left with no polygon is skipped with a warning). Images with no
-    annotation are kept (M = 0). With ``train=True`` each item is flipped horizontally
-    with probability ``flip_prob`` (drawn from torch's RNG), image and masks alike.
+    annotation are kept (M = 0). No augmentation happens here: the model's training
+    transform resizes and flips (``flip_prob`` of its config).
 
     ``coco`` is the ``pycocotools.coco.COCO`` object (the ground truth for ``COCOeval``);
     ``image_ids[i]`` is the image id of item i (the file's image order).
     """
 
-    def __init__(self, ann_file, img_dir, *, train: bool = False, flip_prob: float = 0.5):
+    def __init__(self, ann_file, img_dir):
         from pycocotools.coco import COCO
 
         ann_file, img_dir = os.fspath(ann_file), os.fspath(img_dir)
@@ -80,11 +81,7 @@ class CocoDataset(torch.utils.data.Dataset):
             raise FileNotFoundError(f"ann_file: annotation file not found: {ann_file}")
         if not os.path.isdir(img_dir):
             raise FileNotFoundError(f"img_dir: image folder not found: {img_dir}")
-        flip_prob = float(flip_prob)
-        if not 0.0 <= flip_prob <= 1.0:
-            raise ValueError(f"flip_prob: expected a probability in [0, 1], got {flip_prob}")
         self.ann_file, self.img_dir = ann_file, img_dir
-        self.train, self.flip_prob = bool(train), flip_prob
 
         try:
             with open(ann_file, "rb") as f:
@@ -202,20 +199,19 @@ class CocoDataset(torch.utils.data.Dataset):
         return len(self.image_ids)
 
     def _load_image(self, info) -> torch.Tensor:
-        from PIL import Image, UnidentifiedImageError
+        from ..modeling.images import decode_file
 
         path = os.path.join(self.img_dir, info["file_name"])
         if not os.path.isfile(path):
             raise FileNotFoundError(f"image id {info['id']}: image file not found: {path}")
         try:
-            with Image.open(path) as im:
-                arr = np.array(im.convert("RGB"), dtype=np.uint8)  # a writable copy for torch
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-            raise ValueError(f"image id {info['id']}: cannot read {path} as an image (corrupt or not an image): {e}") from None
+            arr = decode_file(path, f"image id {info['id']}")
+        except ValueError:
+            raise ValueError(f"image id {info['id']}: cannot read {path} as an image (corrupt or not an image)") from None
         if arr.shape[:2] != (info["height"], info["width"]):
             raise ValueError(f"image id {info['id']}: {path} is {arr.shape[0]}x{arr.shape[1]} (HxW), but the "
                              f"annotation file says {info['height']}x{info['width']}")
-        return torch.from_numpy(arr).permute(2, 0, 1).float().div_(255.0).contiguous()
+        return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
     def _rle(self, ann, h: int, w: int):
         """The RLE of one non-crowd annotation, or None if it has no valid polygon."""
@@ -281,14 +277,11 @@ class CocoDataset(torch.utils.data.Dataset):
         else:
             masks_t = torch.zeros((0, h, w), dtype=torch.uint8)
             labels_t = torch.zeros((0,), dtype=torch.int64)
-        if self.train and self.flip_prob > 0 and float(torch.rand(())) < self.flip_prob:
-            image = image.flip(-1)
-            masks_t = masks_t.flip(-1)
         target = {"masks": masks_t.contiguous(), "labels": labels_t, "image_id": int(image_id), "orig_size": (h, w)}
         return image.contiguous(), target
 
     def __repr__(self) -> str:
-        return (f"CocoDataset({self.ann_file!r}, {self.img_dir!r}, train={self.train}, flip_prob={self.flip_prob}): "
+        return (f"CocoDataset({self.ann_file!r}, {self.img_dir!r}): "
                 f"{len(self)} images, {self.num_classes} classes")
 
 

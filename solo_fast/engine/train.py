@@ -304,9 +304,9 @@ def _train(net, dataset, dev, a):
         count = 0
         for step, (images, targets) in enumerate(loader):
             lr = schedule.step(iteration, epoch)
-            images = [img.to(dev, non_blocking=True) for img in images]
-            targets = [{"masks": t["masks"].to(dev, non_blocking=True), "labels": t["labels"].to(dev, non_blocking=True)}
-                       for t in targets]
+            # Images and masks stay where the loader put them: the model's transform resizes
+            # uint8 images and their masks on the host (OpenCV) and copies the result over.
+            targets = [{"masks": t["masks"], "labels": t["labels"].to(dev, non_blocking=True)} for t in targets]
             with torch.autocast("cuda", dtype=amp_dtype, enabled=use_amp):
                 losses = model(images, targets)
             loss = sum(losses.values())

@@ -9,6 +9,10 @@ from typing import Any, Dict
 SCALE_RANGES = ((1, 96), (48, 192), (96, 384), (192, 768), (384, 2048))
 SCALE_RANGES_DECOUPLED_LIGHT = ((1, 64), (32, 128), (64, 256), (128, 512), (256, 2048))
 SCALE_RANGES_SOLOV2_LIGHT = ((1, 56), (28, 112), (56, 224), (112, 448), (224, 896))
+# Short sides of the published multi-scale training (``RandomChoiceResize`` of the 3x / ms-3x
+# configs; long side max_size). The 1x configs train at min_size alone: train_min_size=(800,).
+TRAIN_MIN_SIZE = (800, 768, 736, 704, 672, 640)
+TRAIN_MIN_SIZE_LIGHT = (512, 480, 448, 416, 384, 352)
 
 BASE: Dict[str, Any] = dict(
     depth=50,
@@ -25,9 +29,13 @@ BASE: Dict[str, Any] = dict(
     # SOLOv2 mask-feature branch (ignored by the other heads)
     mask_feat_channels=128,
     mask_out_channels=256,
-    # input transform: shorter side to min_size, longer side at most max_size
+    # input transform (mmdetection's pipelines): at test, shorter side to min_size, longer side
+    # at most max_size; in training, the shorter side drawn from train_min_size per image, then
+    # a horizontal flip with probability flip_prob. Overriding min_size alone trains at it too.
     min_size=800,
     max_size=1333,
+    train_min_size=TRAIN_MIN_SIZE,
+    flip_prob=0.5,
     size_divisor=32,
     # inference defaults
     score_thr=0.1,
@@ -49,12 +57,12 @@ _FAMILIES: Dict[str, Dict[str, Any]] = {
     "decoupled_solo": dict(head="decoupled", stacked_convs=7, feat_channels=256),
     "decoupled_solo_light": dict(
         head="decoupled_light", stacked_convs=4, feat_channels=256,
-        scale_ranges=SCALE_RANGES_DECOUPLED_LIGHT, min_size=512, max_size=852,
+        scale_ranges=SCALE_RANGES_DECOUPLED_LIGHT, min_size=512, max_size=852, train_min_size=TRAIN_MIN_SIZE_LIGHT,
     ),
     "solov2": dict(head="solov2", stacked_convs=4, feat_channels=512, mask_feat_channels=128, mask_out_channels=256),
     "solov2_light": dict(
         head="solov2", stacked_convs=2, feat_channels=256, mask_feat_channels=128, mask_out_channels=128,
-        scale_ranges=SCALE_RANGES_SOLOV2_LIGHT, min_size=448, max_size=768,
+        scale_ranges=SCALE_RANGES_SOLOV2_LIGHT, min_size=448, max_size=768, train_min_size=TRAIN_MIN_SIZE_LIGHT,
     ),
 }
 
@@ -78,6 +86,14 @@ def get_config(name: str, **overrides: Any) -> Dict[str, Any]:
         if key not in cfg:
             raise ValueError(f"{key}: not a setting of config {name!r}; known settings: {sorted(cfg)}")
         cfg[key] = value
+    if "min_size" in overrides and "train_min_size" not in overrides and _is_int(cfg["min_size"]):
+        # A test scale of the user's own with no training scales given: train at it too,
+        # rather than at the published scales of another input size.
+        cfg["train_min_size"] = (cfg["min_size"],)
+    if _is_int(cfg["train_min_size"]):
+        cfg["train_min_size"] = (cfg["train_min_size"],)
+    elif isinstance(cfg["train_min_size"], list):
+        cfg["train_min_size"] = tuple(cfg["train_min_size"])
     check_values(cfg)
     if len(cfg["num_grids"]) != len(cfg["strides"]) or len(cfg["scale_ranges"]) != len(cfg["strides"]):
         raise ValueError("num_grids, strides, scale_ranges: expected one entry per FPN level (5)")
@@ -129,15 +145,11 @@ def check_values(cfg: Dict[str, Any]) -> None:
         fail("scale_ranges", "(lo, hi) pairs of numbers with 0 <= lo <= hi")
     if not _is_number(cfg["pos_scale"]) or not 0 <= cfg["pos_scale"] <= 1:
         fail("pos_scale", "a number in [0, 1]")
-    min_size = cfg["min_size"]
-    if not (_is_int(min_size) and min_size > 0) and not (
-        isinstance(min_size, (list, tuple)) and min_size and all(_is_int(x) and x > 0 for x in min_size)
-    ):
-        fail("min_size", "a positive int or a non-empty list of positive ints (multi-scale training)")
-    for key in ("max_size", "size_divisor", "nms_pre", "max_per_img"):
+    ints("train_min_size")
+    for key in ("min_size", "max_size", "size_divisor", "nms_pre", "max_per_img"):
         if not _is_int(cfg[key]) or cfg[key] < 1:
             fail(key, "a positive int")
-    for key in ("score_thr", "mask_thr", "filter_thr", "focal_alpha"):
+    for key in ("score_thr", "mask_thr", "filter_thr", "focal_alpha", "flip_prob"):
         if not _is_number(cfg[key]) or not 0 <= cfg[key] <= 1:
             fail(key, "a number in [0, 1]")
     if cfg["nms_kernel"] not in ("gaussian", "linear"):

@@ -54,7 +54,8 @@ class SOLO(nn.Module):
         self.backbone = ResNet(cfg["depth"], frozen_stages=cfg["frozen_stages"], norm_eval=cfg["norm_eval"])
         self.neck = FPN(self.backbone.out_channels, cfg["fpn_channels"], num_outs=len(cfg["strides"]))
         self.mask_head = build_head(cfg)
-        self.transform = InputTransform(cfg["min_size"], cfg["max_size"], cfg["size_divisor"])
+        self.transform = InputTransform(cfg["min_size"], cfg["max_size"], cfg["size_divisor"],
+                                        train_min_size=cfg["train_min_size"], flip_prob=cfg["flip_prob"])
 
     # ------------------------------------------------------------------ properties
     @property
@@ -81,7 +82,9 @@ class SOLO(nn.Module):
 
     def forward(self, images, targets: Optional[Sequence[Dict[str, torch.Tensor]]] = None):
         """Train mode: ``{"loss_mask", "loss_cls"}``; eval mode: one dict per image with
-        ``masks`` (bool, original size), ``labels``, ``scores``, ``boxes``."""
+        ``masks`` (bool, original size), ``labels``, ``scores``, ``boxes``. ``images``: CHW
+        uint8 tensors (mmdetection's pipelines, resized with OpenCV on the host) or CHW float
+        tensors in [0, 1] (resized in float on their device)."""
         images = self._check_images(images)
         if self.training:
             if targets is None:
@@ -90,7 +93,7 @@ class SOLO(nn.Module):
         # Post-processing thresholds and sorts: nothing in it is differentiable, and without
         # autograd recording the ops can take their fast paths.
         with torch.no_grad():
-            batch, metas = self.transform([img.to(self.device) for img in images])
+            batch, metas = self.transform(images, device=self.device)
             out = self.extract(batch)
             _check_finite(out)
             results = postprocess(self.mask_head, out, metas, self._test_cfg())
@@ -102,9 +105,7 @@ class SOLO(nn.Module):
     def _losses(self, images, targets) -> Dict[str, torch.Tensor]:
         cfg = self.cfg
         dev = self.device
-        batch, metas, masks = self.transform(
-            [img.to(dev) for img in images], [t["masks"].to(dev) for t in targets], training=True
-        )
+        batch, metas, masks = self.transform(images, [t["masks"] for t in targets], training=True, device=dev)
         assigned = ops.center_region_assign_batch(
             masks, [t["labels"].to(dev) for t in targets],
             pad_shape=metas[0].pad_shape, num_grids=list(cfg["num_grids"]),
@@ -144,20 +145,21 @@ class SOLO(nn.Module):
 
     @torch.no_grad()
     def predict(self, images, *, batch_size: int = 2, **overrides) -> List[SOLOResult]:
-        """Instance masks of one image or a list: paths, PIL images, HWC uint8 RGB arrays or
-        CHW float tensors in [0, 1]. Keyword overrides: score_thr, mask_thr, nms_pre,
-        filter_thr, max_per_img."""
+        """Instance masks of one image or a list: paths, PIL images, HWC uint8 RGB arrays, CHW
+        uint8 tensors or CHW float tensors in [0, 1]. Files, PIL images and uint8 inputs give
+        mmdetection's network input bit for bit (decoded and resized with OpenCV); float
+        tensors are resized in float on their device (see ``transform.py``). Keyword
+        overrides: score_thr, mask_thr, nms_pre, filter_thr, max_per_img."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
             raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
         cfg = self._test_cfg(**overrides)
-        tensors, arrays = load_images(images)
+        inputs, arrays = load_images(images)
         was_training = self.training
         self.eval()
         results: List[SOLOResult] = []
         try:
-            for start in range(0, len(tensors), batch_size):
-                chunk = [t.to(self.device) for t in tensors[start : start + batch_size]]
-                batch, metas = self.transform(chunk)
+            for start in range(0, len(inputs), batch_size):
+                batch, metas = self.transform(inputs[start : start + batch_size], device=self.device)
                 out = self.extract(batch)
                 _check_finite(out)
                 for r, arr in zip(postprocess(self.mask_head, out, metas, cfg), arrays[start : start + batch_size]):
@@ -177,7 +179,7 @@ class SOLO(nn.Module):
             else:
                 raise ValueError(f"images: expected a list of CHW tensors or a BCHW tensor, got shape {tuple(images.shape)}")
         if not isinstance(images, (list, tuple)) or len(images) == 0:
-            raise ValueError("images: expected a non-empty list of CHW float tensors in [0, 1]")
+            raise ValueError("images: expected a non-empty list of CHW uint8 tensors or float tensors in [0, 1]")
         return [check_image(img, f"images[{i}]") for i, img in enumerate(images)]
 
     def _check_targets(self, targets, images) -> List[Dict[str, torch.Tensor]]:
@@ -241,6 +243,8 @@ class SOLO(nn.Module):
             raise ValueError(f"path: {path!r} is not a solo_fast checkpoint (no config in its metadata)")
         cfg = json.loads(meta["solo_fast_config"])
         name, num_classes = cfg.pop("name"), cfg.pop("num_classes")
+        if isinstance(cfg.get("min_size"), list):  # before train_min_size: training drew from min_size
+            cfg["train_min_size"], cfg["min_size"] = cfg["min_size"], cfg["min_size"][-1]
         known = configs.get_config(name)
         overrides = {k: (tuple(map(tuple, v)) if k == "scale_ranges" else tuple(v) if isinstance(v, list) else v)
                      for k, v in cfg.items() if k in known}
