@@ -138,6 +138,8 @@ class InputTransform:
 
                 if (h, w) != (h0, w0):
                     arr = cv2.resize(arr, (w, h), interpolation=cv2.INTER_LINEAR)
+                elif not arr.flags.writeable:  # torch.from_numpy wants a writable array (only read here)
+                    arr = arr.copy()
                 x = torch.from_numpy(arr).to(dev).permute(2, 0, 1).float()
             else:
                 x = img.to(dev).float() * 255.0
