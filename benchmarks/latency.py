@@ -8,7 +8,8 @@
 Each row is the median (and 20th/80th percentiles) of repeated runs after warm-up:
 CUDA events on a GPU, synchronised ``time.perf_counter`` on the CPU. The speed-up is
 against the reference row of the same case. A table goes to stdout and everything to a
-JSON file (``--json``).
+JSON file (``--json``). The ``preprocess`` rows time the input transform instead: the float
+path against the uint8 (OpenCV) path of a camera photo.
 """
 from __future__ import annotations
 
@@ -204,6 +205,29 @@ def e2e_cases(device, quick: bool, models=E2E_MODELS) -> List[Dict]:
     return cases
 
 
+PREPROCESS_PATHS = ("float", "uint8")
+
+
+def preprocess_cases(device, quick: bool) -> List[Dict]:
+    """The input transform of a camera photo to SOLO's 1333x800 scale: the float path
+    (what every image took before issue 12: a full-size float copy in [0, 1], then
+    F.interpolate) against the uint8 path (OpenCV's resize of the uint8 image, then float),
+    both from the decoded HWC uint8 array to the padded batch on ``device``."""
+    import numpy as np
+
+    h, w = (1500, 2000) if quick else (3000, 4000)
+    rgb = (np.random.RandomState(0).rand(h, w, 3) * 255).astype(np.uint8)
+    tf = solo_fast.SOLO("solo_r18_fpn", num_classes=1).transform
+
+    def make():
+        def run(path):
+            if path == "float":
+                return tf([torch.from_numpy(rgb).to(device).permute(2, 0, 1).float().div(255.0)], device=device)
+            return tf([rgb], device=device)
+        return run
+    return [dict(op="preprocess", label=f"{h}x{w} photo -> 1333x800", make=make)]
+
+
 def output_agreement(ref: List[Dict], fast: List[Dict]) -> Dict:
     """How far the fast path's detections on one image are from the reference's.
 
@@ -251,6 +275,8 @@ def allocator_settings() -> Dict[str, str]:
 
 
 def backends_for(case: Dict, device) -> List[str]:
+    if case["op"] == "preprocess":
+        return list(PREPROCESS_PATHS)
     if case["op"].startswith("e2e"):
         return ["reference", "auto"]
     avail = ops.available_backends(case["op"], device)
@@ -275,7 +301,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--quick", action="store_true", help="smaller inputs and fewer repeats")
     p.add_argument("--ops", default="all",
                    help="comma-separated: matrix_nms, center_region_assign, mask_predict, coord_conv2d, "
-                        "e2e (= e2e_inference,e2e_train_step) (or all)")
+                        "preprocess, e2e (= e2e_inference,e2e_train_step) (or all)")
     p.add_argument("--models", default=",".join(E2E_MODELS), help="comma-separated configs of the e2e rows")
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--json", default="benchmarks/latency.json")
@@ -284,7 +310,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device here")
     wanted = set(args.ops.split(","))
-    cases = [c for c in op_cases(device, args.quick) if "all" in wanted or c["op"] in wanted]
+    cases = [c for c in op_cases(device, args.quick) + preprocess_cases(device, args.quick)
+             if "all" in wanted or c["op"] in wanted]
     if wanted & {"all", "e2e", "e2e_inference", "e2e_train_step"}:
         cases += [c for c in e2e_cases(device, args.quick, [m for m in args.models.split(",") if m])
                   if wanted & {"all", "e2e", c["op"]}]
@@ -320,7 +347,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             heavy = case["op"].startswith("e2e")
             stats = measure(lambda: outputs.__setitem__(backend, run(backend)), device, warmup=1 if heavy else 2,
                             repeats=min(repeats, 5) if heavy else repeats, max_seconds=60 if heavy else 20)
-            if backend == "reference":
+            if ref_ms is None:  # the first path is the baseline: the reference, or the float preprocessing
                 ref_ms = stats["median_ms"]
             notes = []
             if heavy and "page_faults" in stats:
