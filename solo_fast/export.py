@@ -28,13 +28,12 @@ import os
 from typing import Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ._backend import use_backend
-from .modeling.heads import DecoupledSOLOHead, SOLOHead, SOLOV2Head
-from .modeling.postprocess import flat_scores
-from .ops.reference import mask_stats, matrix_decay
+from .modeling.heads import DecoupledSOLOHead, SOLOHead, SOLOV2Head, level_of_cells
+from .modeling.postprocess import final_masks, flat_scores
+from .ops.reference import matrix_decay
 
 OUTPUT_NAMES = ("masks", "scores", "labels", "num_valid")
 
@@ -118,74 +117,12 @@ class ExportableSOLO(nn.Module):
         self.nms_pre = min(int(cfg["nms_pre"]), self.topk)
         self.num_out = min(self.max_per_img, self.nms_pre)
 
-        level, local, yrow, xcol = [], [], [], []
-        offset = 0
-        for lvl, S in enumerate(grids):
-            q = torch.arange(S * S)
-            level.append(torch.full((S * S,), lvl))
-            local.append(q)
-            yrow.append(offset + q // S)  # Decoupled SOLO: row of y_i and x_j among all levels' maps
-            xcol.append(offset + q % S)
-            offset += S
-        dev = model.device
-        self.register_buffer("cell_level", torch.cat(level).to(dev), persistent=False)
-        self.register_buffer("cell_local", torch.cat(local).to(dev), persistent=False)
-        self.register_buffer("cell_y", torch.cat(yrow).to(dev), persistent=False)
-        self.register_buffer("cell_x", torch.cat(xcol).to(dev), persistent=False)
         strides = torch.tensor([float(s) for s in cfg["strides"]])
-        self.register_buffer("cell_stride", strides[torch.cat(level)].to(dev), persistent=False)
-        self.register_buffer("mean", tf.mean.view(1, 3, 1, 1).to(dev), persistent=False)
-        self.register_buffer("std", tf.std.view(1, 3, 1, 1).to(dev), persistent=False)
+        self.register_buffer("cell_stride", strides[level_of_cells(grids, "cpu")].to(model.device), persistent=False)
 
     @property
     def head(self):
         return self.model.mask_head
-
-    # ------------------------------------------------------------------ pieces
-    def _preprocess(self, image: torch.Tensor) -> torch.Tensor:
-        h, w = self.img_shape
-        H, W = self.pad_shape
-        x = image.float() * 255.0
-        if (h, w) != self.input_size:
-            x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
-        x = (x - self.mean) / self.std
-        return F.pad(x, (0, W - w, 0, H - h))
-
-    def _resize(self, x: torch.Tensor) -> torch.Tensor:
-        if tuple(x.shape[-2:]) == self.mask_size:
-            return x
-        return F.interpolate(x, size=self.mask_size, mode="bilinear", align_corners=False)
-
-    def _soft_masks(self, out, cells: torch.Tensor) -> torch.Tensor:
-        """Soft masks [K, H/4, W/4] of the flat cells ``cells`` (any levels), as the heads'
-        ``candidate_masks`` compute them."""
-        head = self.head
-        if isinstance(head, SOLOV2Head):
-            feats = out["mask_feats"][0]
-            e, h, w = feats.shape
-            kernels = torch.cat([k[0].reshape(k.shape[1], -1) for k in out["kernels"]], 1)  # [E, ΣS²]
-            logits = kernels[:, cells].t().float() @ feats.reshape(e, h * w).float()
-            return logits.sigmoid().reshape(-1, h, w)
-        if isinstance(head, DecoupledSOLOHead):
-            # As published: each factor is upsampled to stride 4, then multiplied.
-            sy = torch.cat([self._resize(y[0:1].sigmoid())[0] for y in out["mask_y"]])  # [ΣS, h, w]
-            sx = torch.cat([self._resize(x[0:1].sigmoid())[0] for x in out["mask_x"]])
-            return sy[self.cell_y[cells]] * sx[self.cell_x[cells]]
-        # SOLO: rows ``cells`` of each level's 1×1 mask conv on that level's features; each
-        # candidate takes the masks of its own level.
-        levels = self.cell_level[cells]
-        local = self.cell_local[cells]
-        soft = None
-        for lvl, S in enumerate(head.num_grids):
-            feat = out["mask_feat"][lvl][0]
-            c, h, w = feat.shape
-            conv = head.conv_mask_list[lvl]
-            rows = local.clamp(max=S * S - 1)
-            logits = conv.weight[rows, :, 0, 0] @ feat.reshape(c, h * w) + conv.bias[rows, None]
-            lvl_soft = self._resize(logits.sigmoid().reshape(1, -1, h, w))[0]
-            mine = (levels == lvl)[:, None, None]
-            soft = torch.where(mine, lvl_soft, 0.0) if soft is None else torch.where(mine, lvl_soft, soft)
-        return soft
 
     # ------------------------------------------------------------------ forward
     def forward(self, image: torch.Tensor):
@@ -195,10 +132,13 @@ class ExportableSOLO(nn.Module):
             raise ValueError(f"image: expected a float tensor of shape (1, 3, {h0}, {w0}) (the export size), got {got}")
         if not image.is_floating_point():
             raise ValueError(f"image: expected a floating-point tensor in [0, 1], got dtype {image.dtype}")
-        h, w = self.img_shape
-        H, W = self.pad_shape
         with use_backend("reference"):
-            out = self.model.extract(self._preprocess(image))
+            return self._infer(image)
+
+    def _infer(self, image: torch.Tensor):
+        h0, w0 = self.input_size
+        batch, metas = self.model.transform([image[0]])  # the model's own float path, sizes fixed by the input's
+        out = self.model.extract(batch)
         probs = flat_scores(out["cls"])[0]  # [ΣS², C], point-NMS'd
         C = probs.shape[1]
         flat = probs.reshape(-1)  # pair p = cell * C + class: the candidate order of predict
@@ -207,7 +147,8 @@ class ExportableSOLO(nn.Module):
         pairs = torch.topk(pairs, self.topk, largest=False).values
         cand = flat[pairs]
         cells, labels = pairs // C, pairs % C
-        soft, binary, area, maskness = mask_stats(self._soft_masks(out, cells), self.mask_thr)
+        soft, binary, area, maskness = self.head.candidate_masks(out, 0, cells, self.mask_size, self.mask_thr,
+                                                                 static=True)
         valid = (cand > self.score_thr) & (area.float() > self.cell_stride[cells])
         cand = cand * maskness.to(cand.dtype)
         # Valid scores are > 0, so invalid entries (-1) sort last: in Matrix NMS a mask is
@@ -222,12 +163,8 @@ class ExportableSOLO(nn.Module):
         valid = valid[keep]
         scores = torch.where(valid, s[keep], 0.0)
         labels = torch.where(valid, lab[keep], -1)
-        # Soft masks: stride 4 -> padded input, crop the image, resize to the input size.
-        m = soft[order[keep]][None]
-        m = F.interpolate(m, size=(H, W), mode="bilinear", align_corners=False)[:, :, :h, :w]
-        if (h, w) != (h0, w0):
-            m = F.interpolate(m, size=(h0, w0), mode="bilinear", align_corners=False)
-        masks = (m[0] > self.mask_thr) & valid[:, None, None]
+        masks = final_masks(soft[order[keep]], self.pad_shape, self.img_shape, self.input_size, self.mask_thr)
+        masks = masks & valid[:, None, None]
         num_valid = valid.sum()
         pad = self.max_per_img - self.num_out
         if pad > 0:  # fewer entries than max_per_img can ever be valid: fixed-size output anyway
@@ -238,7 +175,7 @@ class ExportableSOLO(nn.Module):
 
     def example_input(self) -> torch.Tensor:
         g = torch.Generator().manual_seed(0)
-        return torch.rand((1, 3, *self.input_size), generator=g).to(self.cell_level.device)
+        return torch.rand((1, 3, *self.input_size), generator=g).to(self.cell_stride.device)
 
 
 # ---------------------------------------------------------------------- entry points

@@ -3,7 +3,6 @@ import pytest
 import torch
 
 import solo_fast
-from solo_fast.modeling.heads import SOLOHead
 
 SMALL = dict(min_size=96, max_size=128, num_grids=(10, 8, 6, 4, 3), flip_prob=0.0)  # one deterministic loss
 
@@ -60,23 +59,6 @@ def test_fast_training_loss_equals_reference():
             torch.testing.assert_close(p.grad, ref_grads[n], rtol=1e-3, atol=1e-6, msg=n)
 
 
-def test_solo_positive_cell_logits_equal_dense_conv():
-    """Training computes only the positive cells' rows of the 1x1 mask conv: same values and
-    gradients as the dense S^2-channel conv followed by a gather."""
-    torch.manual_seed(0)
-    head = SOLOHead(num_classes=2, in_channels=32, feat_channels=32, stacked_convs=1, num_grids=(7, 5, 4, 3, 2))
-    feat = torch.randn(32, 9, 11, requires_grad=True)
-    cells = torch.tensor([0, 3, 3, 17, 48])  # repeated and border cells
-    sparse = head._cell_logits(feat, 0, cells)
-    dense = head.conv_mask_list[0](feat[None])[0][cells]
-    torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-6)
-    g = torch.randn_like(dense)
-    gs = torch.autograd.grad(sparse, [feat, head.conv_mask_list[0].weight], g)
-    gd = torch.autograd.grad(dense, [feat, head.conv_mask_list[0].weight], g)
-    for a, b in zip(gs, gd):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-
-
 @pytest.mark.parametrize("name", ["solo_r18_fpn", "decoupled_solo_light_r18_fpn", "solov2_light_r18_fpn"])
 def test_chunked_candidates_equal_one_pass(name, monkeypatch):
     """Many candidates are handled in bounded chunks (streamed top nms_pre) with the same result."""
@@ -102,8 +84,15 @@ def test_reference_computes_each_dense_solo_level_once(monkeypatch):
 
     model = _model("solo_r18_fpn")
     calls = []
-    for level, conv in enumerate(model.mask_head.conv_mask_list):
-        conv.register_forward_hook(lambda mod, args, out, level=level: calls.append(level))
+    level_of_weight = {conv.weight.data_ptr(): level for level, conv in enumerate(model.mask_head.conv_mask_list)}
+    conv2d = torch.nn.functional.conv2d
+
+    def counting_conv2d(x, weight, *args, **kwargs):  # the dense S^2-channel convs of the mask branch
+        if weight.data_ptr() in level_of_weight:
+            calls.append(level_of_weight[weight.data_ptr()])
+        return conv2d(x, weight, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "conv2d", counting_conv2d)
     monkeypatch.setattr(postprocess, "MASK_CHUNK", 7)
     img = torch.rand(3, 96, 128)
     kw = dict(score_thr=0.05, filter_thr=0.02, nms_pre=40, max_per_img=20)

@@ -17,11 +17,15 @@ class FakeHead:
         self.num_grids = list(num_grids)
         self.masks_by_cell = masks_by_cell  # {(level, cell): [h, w] soft mask}
 
-    def masks_are_dense(self):
-        return False
-
-    def candidate_masks(self, out, b, levels, cells, mask_size, mask_thr):
-        soft = torch.stack([self.masks_by_cell[(int(l), int(c))] for l, c in zip(levels, cells)])
+    def candidate_masks(self, out, b, cells, mask_size, mask_thr, static=False):
+        starts = [0]
+        for S in self.num_grids:
+            starts.append(starts[-1] + S * S)
+        level_cell = []
+        for c in cells.tolist():  # flat cells over all levels -> (level, cell in the level)
+            level = max(i for i in range(len(self.num_grids)) if starts[i] <= c)
+            level_cell.append((level, c - starts[level]))
+        soft = torch.stack([self.masks_by_cell[lc] for lc in level_cell])
         assert soft.shape[1:] == mask_size
         return mask_stats(soft, mask_thr)
 
@@ -158,9 +162,9 @@ def test_one_cell_two_classes_shares_its_mask():
     calls = []
 
     class CountingHead(FakeHead):
-        def candidate_masks(self, out, b, levels, cells, mask_size, mask_thr):
+        def candidate_masks(self, out, b, cells, mask_size, mask_thr, static=False):
             calls.append(cells.tolist())
-            return super().candidate_masks(out, b, levels, cells, mask_size, mask_thr)
+            return super().candidate_masks(out, b, cells, mask_size, mask_thr)
 
     cfg_scores = {(0, 5, 0): 0.7, (0, 5, 2): 0.6}
     cfg = get_config("solov2_r18_fpn", num_grids=GRIDS)

@@ -1,19 +1,20 @@
 """The mask heads of SOLO, Decoupled SOLO (and Light) and SOLOv2.
 
-Every head follows the same protocol, used by :mod:`solo_fast.modeling.solo`:
+Every head follows the same protocol, used by :mod:`solo_fast.modeling.solo` (training),
+:mod:`solo_fast.modeling.postprocess` (inference) and :mod:`solo_fast.export`:
 
 - ``forward(feats)`` -> a dict of raw per-level predictions, with ``"cls"``: list of
   class logits ``[B, C, S, S]``;
 - ``positive_mask_probs(out, b, level, cells)`` -> mask probabilities ``[P, h, w]`` of the
   given cells of image ``b``, at the resolution of that level's mask targets (training);
-- ``candidate_masks(out, b, level_of_cell, cells, mask_size, mask_thr)`` -> ``(soft, binary,
-  area, maskness)`` of the candidate cells at stride 4 (inference);
-- ``masks_are_dense()`` -> whether ``candidate_masks`` computes every cell's mask anyway
-  (then post-processing does not split the candidates into chunks).
+- ``candidate_masks(out, b, cells, mask_size, mask_thr, static=False)`` -> ``(soft,
+  binary, area, maskness)`` at stride 4 of the flat cells ``cells`` (indices over all
+  levels, level by level; ascending unless ``static``). ``static=True`` computes them in
+  static shapes (no data-dependent split by level), for export.
 
-Only the cells that are needed have their masks computed (positive cells in training,
-candidates at inference), except on the reference backend, where SOLO's mask branch runs
-densely over all S² cells as published.
+Only the cells that are needed have their masks computed where the ops allow it: which
+formulation runs (SOLO's dense S² maps as published, or only the selected rows) is the
+ops' choice (:func:`solo_fast.ops.cell_masks`), not the heads'.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import _backend, ops
+from .. import ops
 from ..ops.reference import mask_stats
 from .layers import ConvModule, focal_prior_bias
 
@@ -71,6 +72,11 @@ def per_level(levels: torch.Tensor, cells: torch.Tensor, num_levels: int, fn, em
     return tuple(fields) if len(fields) > 1 else fields[0]
 
 
+def level_of_cells(num_grids: Sequence[int], device) -> torch.Tensor:
+    """For every flat cell index over all levels, its level."""
+    return torch.cat([torch.full((S * S,), i, dtype=torch.long, device=device) for i, S in enumerate(num_grids)])
+
+
 def _tower(in_channels: int, feat_channels: int, n: int, coords: str | None) -> nn.ModuleList:
     return nn.ModuleList(
         ConvModule(in_channels if i == 0 else feat_channels, feat_channels, 3, coords=coords if i == 0 else None)
@@ -101,10 +107,11 @@ class _GridHead(nn.Module):
         self.cls_convs = _tower(in_channels, feat_channels, stacked_convs, None)
         self.conv_cls = _init_normal(nn.Conv2d(feat_channels, num_classes, 3, padding=1), 0.01)
 
-    def masks_are_dense(self) -> bool:
-        """Whether candidate_masks computes every cell's mask whatever cells it is asked for;
-        post-processing then asks once rather than chunk by chunk."""
-        return False
+    def split_cells(self, cells: torch.Tensor):
+        """Flat cells over all levels -> (level, cell within the level) of each."""
+        levels = level_of_cells(self.num_grids, cells.device)[cells]
+        offsets = torch.tensor([0] + [S * S for S in self.num_grids], device=cells.device).cumsum(0)
+        return levels, cells - offsets[levels]
 
     def class_logits(self, x: torch.Tensor, level: int) -> torch.Tensor:
         S = self.num_grids[level]
@@ -113,8 +120,6 @@ class _GridHead(nn.Module):
 
 class SOLOHead(_GridHead):
     """SOLO: CoordConv mask tower, ×2 upsample, 1×1 conv to S² masks per level."""
-
-    mask_upsampled = True
 
     def __init__(self, num_classes, in_channels=256, feat_channels=256, stacked_convs=7,
                  num_grids=(40, 36, 24, 16, 12)):
@@ -131,44 +136,32 @@ class SOLOHead(_GridHead):
             "cls": [self.class_logits(x, i) for i, x in enumerate(feats)],
         }
 
-    def _cell_logits(self, feat: torch.Tensor, level: int, cells: torch.Tensor) -> torch.Tensor:
-        # Rows ``cells`` of the level's 1×1 mask conv: the same logits as the dense conv's
-        # channels ``cells``, without building all S² of them.
+    def _cell_masks(self, out, b: int, level: int, cells: torch.Tensor, **kw):
         conv = self.conv_mask_list[level]
-        w = conv.weight[cells, :, 0, 0]
-        c, h, wd = feat.shape
-        return (w @ feat.reshape(c, h * wd)).reshape(-1, h, wd) + conv.bias[cells, None, None]
+        return ops.cell_masks(out["mask_feat"][level][b], conv.weight, conv.bias, cells, **kw)
 
     def positive_mask_probs(self, out, b: int, level: int, cells: torch.Tensor) -> torch.Tensor:
-        return self._cell_logits(out["mask_feat"][level][b], level, cells).sigmoid()
+        return self._cell_masks(out, b, level, cells)
 
-    def masks_are_dense(self) -> bool:
-        """On the reference backend every cell's mask is computed, as published: chunking the
-        candidates would save no memory there and would compute the same dense maps again
-        for every chunk, so post-processing does not chunk them."""
-        return _backend.current_backend() == "reference"
-
-    def candidate_masks(self, out, b: int, levels: torch.Tensor, cells: torch.Tensor, mask_size, mask_thr: float):
-        dense = self.masks_are_dense()
+    def candidate_masks(self, out, b: int, cells: torch.Tensor, mask_size, mask_thr: float, static: bool = False):
+        levels, local = self.split_cells(cells)
+        if static:
+            # Every level's masks of every cell (clamped into the level), each cell keeping
+            # its own level's: no shape depends on how the cells fall into levels.
+            soft = None
+            for lvl, S in enumerate(self.num_grids):
+                lvl_soft = self._cell_masks(out, b, lvl, local.clamp(max=S * S - 1), size=mask_size)
+                mine = (levels == lvl)[:, None, None]
+                soft = torch.where(mine, lvl_soft, 0.0) if soft is None else torch.where(mine, lvl_soft, soft)
+            return mask_stats(soft, mask_thr)
         empty = mask_stats(out["mask_feat"][0].new_zeros((0, *mask_size)), mask_thr)
 
         def level_stats(level, sel):
             if sel.numel() == 0:
                 return empty
-            feat = out["mask_feat"][level][b]
-            conv = self.conv_mask_list[level]
-            if dense:  # as published: all S² masks, sigmoid, upsampled, then gathered
-                soft = self.conv_mask_list[level](feat[None]).sigmoid()
-                return mask_stats(_resize(soft, mask_size)[0][sel], mask_thr)
-            if tuple(feat.shape[-2:]) == tuple(mask_size):  # levels 0-1: already at stride 4
-                return ops.mask_predict(feat, conv.weight[sel, :, 0, 0], conv.bias[sel],
-                                        mask_thr=mask_thr, out_dtype=torch.float32)
-            # Coarser levels: the statistics belong to the masks resized to stride 4, so only
-            # the soft masks are computed at the level's size (mask_predict's would be discarded).
-            soft = self._cell_logits(feat, level, sel).sigmoid()
-            return mask_stats(_resize(soft[None], mask_size)[0], mask_thr)
+            return self._cell_masks(out, b, level, sel, size=mask_size, mask_thr=mask_thr)
 
-        return per_level(levels, cells, len(self.num_grids), level_stats, empty)
+        return per_level(levels, local, len(self.num_grids), level_stats, empty)
 
 
 class DecoupledSOLOHead(_GridHead):
@@ -207,18 +200,28 @@ class DecoupledSOLOHead(_GridHead):
         px = out["mask_x"][level][b][cells % S].sigmoid()
         return py * px
 
-    def candidate_masks(self, out, b, levels, cells, mask_size, mask_thr):
+    def candidate_masks(self, out, b, cells, mask_size, mask_thr, static=False):
+        levels, local = self.split_cells(cells)
+        grid = torch.tensor(self.num_grids, device=cells.device)[levels]
+
+        def factors(name):  # [ΣS, h, w]: every level's S maps, each upsampled to stride 4 (as published)
+            return torch.cat([_resize(m[b : b + 1].sigmoid(), mask_size)[0] for m in out[name]])
+
+        if static:
+            offsets = torch.tensor([0] + list(self.num_grids), device=cells.device).cumsum(0)[levels]
+            soft = factors("mask_y")[offsets + local // grid] * factors("mask_x")[offsets + local % grid]
+            return mask_stats(soft, mask_thr)
+
         def level_soft(level, sel):
             if sel.numel() == 0:
                 return out["mask_x"][level].new_zeros((0, *mask_size))
             S = self.num_grids[level]
-            # As published: each factor is upsampled to stride 4, then multiplied.
             sy = _resize(out["mask_y"][level][b : b + 1].sigmoid(), mask_size)[0]
             sx = _resize(out["mask_x"][level][b : b + 1].sigmoid(), mask_size)[0]
             return sy[sel // S] * sx[sel % S]
 
         empty = out["mask_x"][0].new_zeros((0, *mask_size))
-        return mask_stats(per_level(levels, cells, len(self.num_grids), level_soft, empty), mask_thr)
+        return mask_stats(per_level(levels, local, len(self.num_grids), level_soft, empty), mask_thr)
 
 
 class _MaskFeatLevel(nn.Module):
@@ -288,10 +291,14 @@ class SOLOV2Head(_GridHead):
         e, h, w = feats.shape
         return (self._kernels(out, b, level, cells) @ feats.reshape(e, h * w)).reshape(-1, h, w).sigmoid()
 
-    def candidate_masks(self, out, b, levels, cells, mask_size, mask_thr):
+    def candidate_masks(self, out, b, cells, mask_size, mask_thr, static=False):
         feats = out["mask_feats"][b]
-        kernels = per_level(levels, cells, len(self.num_grids), lambda lvl, sel: self._kernels(out, b, lvl, sel),
-                            feats.new_zeros((0, feats.shape[0])))
+        if static:  # one gather from all levels' kernels [E, ΣS²]
+            kernels = torch.cat([k[b].reshape(k.shape[1], -1) for k in out["kernels"]], 1)[:, cells].t()
+        else:
+            levels, local = self.split_cells(cells)
+            kernels = per_level(levels, local, len(self.num_grids), lambda lvl, sel: self._kernels(out, b, lvl, sel),
+                                feats.new_zeros((0, feats.shape[0])))
         return ops.mask_predict(feats, kernels, mask_thr=mask_thr)
 
 

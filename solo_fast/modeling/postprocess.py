@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
+from .heads import level_of_cells
 from .transform import ImageMeta
 
 # Cells whose masks are computed at once; past this, they are computed chunk by chunk,
@@ -26,11 +27,6 @@ def flat_scores(cls_logits: Sequence[torch.Tensor]) -> torch.Tensor:
     In fp32 whatever the logits' dtype: under autocast (bf16/fp16 logits) scores rounded to
     8 bits tie often, and ties would reorder Matrix NMS and the results."""
     return torch.cat([point_nms(c.float().sigmoid()).flatten(2).transpose(1, 2) for c in cls_logits], 1)
-
-
-def level_of_cells(num_grids: Sequence[int], device) -> torch.Tensor:
-    """For every flat cell index over all levels, its level."""
-    return torch.cat([torch.full((S * S,), i, dtype=torch.long, device=device) for i, S in enumerate(num_grids)])
 
 
 def empty_result(ori_shape, device) -> Dict[str, torch.Tensor]:
@@ -98,7 +94,7 @@ class _HeldSoftMasks:
         return out
 
 
-def _stream_top_masks(head, out, b, levels, cells, inv, cand_scores, strides, mask_size, thr, nms_pre, chunk):
+def _stream_top_masks(head, out, b, cells, inv, cand_scores, strides, mask_size, thr, nms_pre, chunk):
     """Masks of thousands of cells, ``chunk`` at a time, keeping only those of the cells
     that the best ``nms_pre`` candidates so far use: memory stays bounded by
     ``nms_pre + 2 * chunk`` masks and no mask is computed twice.
@@ -118,8 +114,7 @@ def _stream_top_masks(head, out, b, levels, cells, inv, cand_scores, strides, ma
     kept_binary = None
     held = _HeldSoftMasks(limit=nms_pre + chunk)
     for i in range(0, cells.numel(), chunk):
-        soft_c, binary_c, area_c, maskness_c = head.candidate_masks(
-            out, b, levels[i : i + chunk], cells[i : i + chunk], mask_size, thr)
+        soft_c, binary_c, area_c, maskness_c = head.candidate_masks(out, b, cells[i : i + chunk], mask_size, thr)
         areas.append(area_c)
         masknesses.append(maskness_c)
         new = torch.nonzero((inv >= i) & (inv < i + chunk)).flatten()
@@ -159,24 +154,23 @@ def postprocess_image(head, out, b: int, scores: torch.Tensor, meta: ImageMeta, 
     # A cell's mask does not depend on the class: masks are computed once per distinct
     # cell (``inv`` maps each candidate to its cell) and gathered only for the few
     # candidates that reach Matrix NMS.
-    ucells, inv = torch.unique(cells_global, return_inverse=True)
-    levels = level_of_cells(num_grids, device)[ucells]
-    offsets = torch.tensor([0] + [S * S for S in num_grids], device=device).cumsum(0)
-    cells = ucells - offsets[levels]
-    strides = torch.tensor(cfg["strides"], device=device, dtype=torch.float32)[levels][inv]
+    cells, inv = torch.unique(cells_global, return_inverse=True)
+    strides = torch.tensor(cfg["strides"], device=device, dtype=torch.float32)[level_of_cells(num_grids, device)[cells]][inv]
 
     H, W = meta.pad_shape
     mask_size = (H // 4, W // 4)
     thr = cfg["mask_thr"]
     nms_pre = cfg["nms_pre"]
     chunk = cfg.get("mask_chunk", MASK_CHUNK)
-    streamed = cells.numel() > chunk and not head.masks_are_dense()
+    # Where the ops compute every cell's map anyway (SOLO's reference), chunking would only
+    # compute the same dense maps once per chunk.
+    streamed = cells.numel() > chunk and not ops.cell_masks_are_dense(device)
     if not streamed:
-        soft_u, binary_u, area_u, maskness_u = head.candidate_masks(out, b, levels, cells, mask_size, thr)
+        soft_u, binary_u, area_u, maskness_u = head.candidate_masks(out, b, cells, mask_size, thr)
         soft_of = soft_u.__getitem__
     else:
         soft_of, binary_u, area_u, maskness_u = _stream_top_masks(
-            head, out, b, levels, cells, inv, cand_scores, strides, mask_size, thr, nms_pre, chunk)
+            head, out, b, cells, inv, cand_scores, strides, mask_size, thr, nms_pre, chunk)
     area = area_u[inv]
     keep = area.float() > strides
     if not bool(keep.any()):

@@ -7,3 +7,4 @@ from . import _center_region  # noqa: F401
 from . import _coord_conv  # noqa: F401
 from . import _matrix_nms  # noqa: F401
 from . import _mask_predict  # noqa: F401
+from . import _cell_masks  # noqa: F401

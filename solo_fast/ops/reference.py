@@ -272,3 +272,24 @@ def mask_predict(
     if out_dtype is None:
         out_dtype = torch.float16 if features.is_cuda else torch.float32
     return soft.to(out_dtype), binary, area, maskness
+
+
+def cell_masks(
+    feat: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    cells: torch.Tensor,
+    *,
+    size: Optional[Sequence[int]] = None,
+    mask_thr: Optional[float] = None,
+):
+    """SOLO's mask branch as published: all N maps of the 1x1 conv (``weight`` [N, C, 1, 1]
+    or [N, C]) over ``feat`` [C, h, w], sigmoid, bilinearly resized to ``size``, then the
+    rows ``cells``; with ``mask_thr``, also their binary masks, areas and maskness."""
+    n, c = weight.shape[:2]
+    soft = F.conv2d(feat[None], weight.reshape(n, c, 1, 1), bias).sigmoid()
+    if size is not None and tuple(size) != tuple(soft.shape[-2:]):
+        soft = F.interpolate(soft, size=tuple(size), mode="bilinear", align_corners=False)
+    soft = soft[0][cells]
+    return soft if mask_thr is None else mask_stats(soft, mask_thr)
+
