@@ -28,9 +28,8 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import solo_fast  # noqa: E402
-from solo_fast import ops  # noqa: E402
+import solo_fast  # installed into the venv by ./quickstart.sh (pip install -e .)
+from solo_fast import ops
 
 # Dense tensor-core peaks (fp16 and int8 ops/s) and memory bandwidth (bytes/s), for the
 # "implied floor" column (SXM parts).

@@ -1,7 +1,7 @@
 """SOLO.from_mmdet on synthetic state dicts laid out like the two public checkpoint formats.
 
 The key names below are written from the public module definitions, independently of
-solo_fast.modeling.mmdet_convert:
+solo_fast.checkpoint.mmdet:
 
 - mmdetection 3.x: detector attributes backbone / neck / mask_head; mmdet ResNet
   (conv1, bn1, layerN.i.conv1/bn1/conv2/bn2, downsample.0/1), FPN ConvModules

@@ -9,14 +9,10 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from ..data import collate
 from . import distributed as D
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
-
-
-def collate(batch):
-    """(list of images, list of targets): images keep their own sizes."""
-    return [b[0] for b in batch], [b[1] for b in batch]
 
 
 def unwrap(model):

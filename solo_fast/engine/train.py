@@ -14,7 +14,9 @@ from typing import Any, Dict, Optional, Sequence
 import torch
 
 from . import distributed as D
-from .evaluate import collate, evaluate, format_stats, unwrap
+from ..data import collate
+from ..modeling.configs import ARCH_KEYS
+from .evaluate import evaluate, format_stats, unwrap
 
 STATE_FILE = "last_state.pt"
 MODEL_FILE = "model.safetensors"
@@ -134,8 +136,7 @@ def _load_state(path: str, model) -> Dict[str, Any]:
                          f"{cfg.get('num_classes')} classes, but the model is {model.config_name!r} with "
                          f"{model.num_classes} classes")
     # frozen_stages too: it decides which parameters the optimizer state belongs to.
-    arch = ("depth", "head", "stacked_convs", "feat_channels", "num_grids", "mask_feat_channels", "mask_out_channels",
-            "frozen_stages")
+    arch = ARCH_KEYS + ("frozen_stages",)
     diff = [k for k in arch if k in cfg and json.dumps(cfg[k]) != json.dumps(list(model.cfg[k])
                                                                              if isinstance(model.cfg[k], tuple) else model.cfg[k])]
     if diff:

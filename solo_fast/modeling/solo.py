@@ -267,11 +267,11 @@ class SOLO(nn.Module):
         the checkpoint lacks are listed in ``model.load_report`` and in a warning; with
         ``strict=True`` they raise ValueError instead.
         """
-        from . import mmdet_convert
+        from ..checkpoint import mmdet
 
-        ckpt = mmdet_convert.read_checkpoint(path)
-        model = cls(config, num_classes=mmdet_convert.num_classes_of(ckpt, num_classes), **overrides)
-        model.load_report = mmdet_convert.load_into(model, ckpt, strict=strict)
+        ckpt = mmdet.read_checkpoint(path)
+        model = cls(config, num_classes=mmdet.num_classes_of(ckpt, num_classes), **overrides)
+        model.load_report = mmdet.load_into(model, ckpt, strict=strict)
         if model.load_report.missing or model.load_report.unexpected:
             warnings.warn(f"from_mmdet: {path!r} loaded into {config!r} with {model.load_report}", stacklevel=2)
         if ckpt.class_names is not None and len(ckpt.class_names) == model.num_classes:

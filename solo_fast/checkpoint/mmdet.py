@@ -38,8 +38,8 @@ from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 
-from . import configs
-from .backbone import ARCHS, Bottleneck
+from ..modeling import configs
+from ..modeling.backbone import ARCHS, Bottleneck
 
 # ---------------------------------------------------------------------------- key rules
 
