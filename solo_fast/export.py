@@ -85,19 +85,19 @@ class ExportableSOLO(nn.Module):
         super().__init__()
         model = _check_model(model)
         self.input_size = _check_size(input_size)
-        cfg = model._test_cfg(**overrides)  # validates the overrides (ValueError naming the key)
+        cfg = model.inference_settings(**overrides)  # validates the overrides (ValueError naming the key)
         if topk is not None and (isinstance(topk, bool) or not isinstance(topk, int) or topk <= 0):
             raise ValueError(f"topk: expected a positive int, got {topk!r}")
         head = model.mask_head
         if not isinstance(head, (SOLOHead, DecoupledSOLOHead, SOLOV2Head)):
             raise ValueError(f"model: no static export for head {type(head).__name__}")
         self.model = model
-        self.score_thr = float(cfg["score_thr"])
-        self.mask_thr = float(cfg["mask_thr"])
-        self.filter_thr = float(cfg["filter_thr"])
-        self.kernel = cfg["nms_kernel"]
-        self.sigma = float(cfg["nms_sigma"])
-        self.max_per_img = int(cfg["max_per_img"])
+        self.score_thr = float(cfg.score_thr)
+        self.mask_thr = float(cfg.mask_thr)
+        self.filter_thr = float(cfg.filter_thr)
+        self.kernel = cfg.nms_kernel
+        self.sigma = float(cfg.nms_sigma)
+        self.max_per_img = int(cfg.max_per_img)
 
         # Sizes of the model's input transform for this input size, fixed now.
         tf = model.transform
@@ -113,11 +113,11 @@ class ExportableSOLO(nn.Module):
         grids = list(head.num_grids)
         C = head.num_classes
         num_pairs = sum(S * S for S in grids) * C
-        self.topk = min(int(topk if topk is not None else cfg["nms_pre"]), num_pairs)
-        self.nms_pre = min(int(cfg["nms_pre"]), self.topk)
+        self.topk = min(int(topk if topk is not None else cfg.nms_pre), num_pairs)
+        self.nms_pre = min(int(cfg.nms_pre), self.topk)
         self.num_out = min(self.max_per_img, self.nms_pre)
 
-        strides = torch.tensor([float(s) for s in cfg["strides"]])
+        strides = torch.tensor([float(s) for s in model.cfg["strides"]])
         self.register_buffer("cell_stride", strides[level_of_cells(grids, "cpu")].to(model.device), persistent=False)
 
     @property

@@ -178,7 +178,8 @@ def test_predict_on_a_file_equals_the_network_on_mmdetection_input(model, tmp_pa
     h, w = mmdet_size(*seen.shape[:2])
     meta = solo_fast.modeling.transform.ImageMeta(seen.shape[:2], (h, w), tuple(x.shape[-2:]))
     with torch.no_grad():
-        expected = postprocess(model.mask_head, model.extract(x), [meta], model._test_cfg(score_thr=0.05))[0]
+        expected = postprocess(model.mask_head, model.extract(x), [meta], model.inference_settings(score_thr=0.05),
+                               model.cfg["strides"])[0]
     assert torch.equal(result.scores, expected["scores"]) and torch.equal(result.labels, expected["labels"])
     assert torch.equal(result.masks, expected["masks"])
 

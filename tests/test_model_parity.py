@@ -60,16 +60,13 @@ def test_fast_training_loss_equals_reference():
 
 
 @pytest.mark.parametrize("name", ["solo_r18_fpn", "decoupled_solo_light_r18_fpn", "solov2_light_r18_fpn"])
-def test_chunked_candidates_equal_one_pass(name, monkeypatch):
+def test_chunked_candidates_equal_one_pass(name):
     """Many candidates are handled in bounded chunks (streamed top nms_pre) with the same result."""
-    from solo_fast.modeling import postprocess
-
     model = _model(name)
     img = torch.rand(3, 96, 128)
     kw = dict(score_thr=0.05, filter_thr=0.02, nms_pre=40, max_per_img=20)
     one = model.predict(img, **kw)[0]
-    monkeypatch.setattr(postprocess, "MASK_CHUNK", 7)
-    chunked = model.predict(img, **kw)[0]
+    chunked = model.predict(img, mask_chunk=7, **kw)[0]
     assert len(one) > 0
     assert torch.equal(one.labels, chunked.labels) and torch.equal(one.masks, chunked.masks)
     # A GEMM over fewer rows may round differently in the last bit (MKL), hence not rtol=0.
@@ -80,8 +77,6 @@ def test_reference_computes_each_dense_solo_level_once(monkeypatch):
     """With more candidate cells than a chunk, the fast path streams them; the reference,
     which computes all S² masks of a level anyway, must not run a level's dense conv again
     for every chunk (that would only make the reference slower than published)."""
-    from solo_fast.modeling import postprocess
-
     model = _model("solo_r18_fpn")
     calls = []
     level_of_weight = {conv.weight.data_ptr(): level for level, conv in enumerate(model.mask_head.conv_mask_list)}
@@ -93,9 +88,8 @@ def test_reference_computes_each_dense_solo_level_once(monkeypatch):
         return conv2d(x, weight, *args, **kwargs)
 
     monkeypatch.setattr(torch.nn.functional, "conv2d", counting_conv2d)
-    monkeypatch.setattr(postprocess, "MASK_CHUNK", 7)
     img = torch.rand(3, 96, 128)
-    kw = dict(score_thr=0.05, filter_thr=0.02, nms_pre=40, max_per_img=20)
+    kw = dict(score_thr=0.05, filter_thr=0.02, nms_pre=40, max_per_img=20, mask_chunk=7)
     with solo_fast.use_backend("reference"):
         ref = model.predict(img, **kw)[0]
     assert len(ref) > 0 and calls and len(calls) == len(set(calls))

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from solo_fast.modeling import get_config
+from solo_fast.modeling.configs import InferenceSettings
 from solo_fast.ops.reference import mask_stats
 from solo_fast.modeling.postprocess import flat_scores, point_nms, postprocess_image
 from solo_fast.modeling.transform import ImageMeta
@@ -37,6 +38,7 @@ PAD = (64, 64)  # masks at stride 4: 16 x 16
 def run(scores_by_cell, masks_by_cell, kernel="gaussian", sigma=2.0, **cfg_kw):
     cfg = get_config("solov2_r18_fpn", num_grids=GRIDS)
     cfg.update(num_classes=3, nms_kernel=kernel, nms_sigma=sigma, **cfg_kw)
+    settings = InferenceSettings.from_config(cfg)
     total = sum(s * s for s in GRIDS)
     offsets = [0]
     for s in GRIDS:
@@ -45,7 +47,7 @@ def run(scores_by_cell, masks_by_cell, kernel="gaussian", sigma=2.0, **cfg_kw):
     for (level, cell, label), s in scores_by_cell.items():
         scores[offsets[level] + cell, label] = s
     meta = ImageMeta(ori_shape=PAD, img_shape=PAD, pad_shape=PAD)
-    return postprocess_image(FakeHead(GRIDS, masks_by_cell), None, 0, scores, meta, cfg)
+    return postprocess_image(FakeHead(GRIDS, masks_by_cell), None, 0, scores, meta, settings, cfg["strides"])
 
 
 def box_mask(y0, y1, x0, x1, value=0.9):
@@ -173,7 +175,8 @@ def test_one_cell_two_classes_shares_its_mask():
     for (_, cell, label), s in cfg_scores.items():
         scores[cell, label] = s
     meta = ImageMeta(ori_shape=PAD, img_shape=PAD, pad_shape=PAD)
-    out = postprocess_image(CountingHead(GRIDS, {(0, 5): m}), None, 0, scores, meta, cfg)
+    out = postprocess_image(CountingHead(GRIDS, {(0, 5): m}), None, 0, scores, meta,
+                            InferenceSettings.from_config(cfg), cfg["strides"])
     assert calls == [[5]]  # the mask of cell 5 is computed once for both classes
     assert out["labels"].tolist() == [0, 2]
     torch.testing.assert_close(out["scores"], torch.tensor([0.7 * 0.9, 0.6 * 0.9]))

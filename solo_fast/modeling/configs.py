@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from typing import Any, Dict
 
@@ -45,6 +46,7 @@ BASE: Dict[str, Any] = dict(
     nms_kernel="gaussian",
     nms_sigma=2.0,
     max_per_img=100,
+    mask_chunk=512,  # candidate cells whose masks are computed at once (memory, not results)
     # losses
     focal_alpha=0.25,
     focal_gamma=2.0,
@@ -74,7 +76,45 @@ for _family, _spec in _FAMILIES.items():
 # Keys that describe the architecture; everything else is a run-time setting.
 ARCH_KEYS = ("depth", "fpn_channels", "head", "stacked_convs", "feat_channels", "num_grids",
              "mask_feat_channels", "mask_out_channels")
-TEST_KEYS = ("score_thr", "mask_thr", "nms_pre", "filter_thr", "max_per_img")
+TEST_KEYS = ("score_thr", "mask_thr", "nms_pre", "filter_thr", "max_per_img", "mask_chunk")
+
+
+@dataclasses.dataclass(frozen=True)
+class InferenceSettings:
+    """What post-processing (and export) read: DESIGN.md §1's inference settings, checked
+    on construction. ``predict``'s keyword overrides are :meth:`replace` of the model's."""
+
+    score_thr: float = 0.1
+    mask_thr: float = 0.5
+    nms_pre: int = 500
+    filter_thr: float = 0.05
+    nms_kernel: str = "gaussian"
+    nms_sigma: float = 2.0
+    max_per_img: int = 100
+    mask_chunk: int = 512
+
+    def __post_init__(self):
+        for key in ("score_thr", "mask_thr", "filter_thr"):
+            if not _is_number(getattr(self, key)) or not 0 <= getattr(self, key) <= 1:
+                raise ValueError(f"{key}: expected a number in [0, 1], got {getattr(self, key)!r}")
+        for key in ("nms_pre", "max_per_img", "mask_chunk"):
+            if not _is_int(getattr(self, key)) or getattr(self, key) < 1:
+                raise ValueError(f"{key}: expected a positive int, got {getattr(self, key)!r}")
+        if self.nms_kernel not in ("gaussian", "linear"):
+            raise ValueError(f"nms_kernel: expected 'gaussian' or 'linear', got {self.nms_kernel!r}")
+        if not _is_number(self.nms_sigma) or self.nms_sigma <= 0:
+            raise ValueError(f"nms_sigma: expected a positive number, got {self.nms_sigma!r}")
+
+    @classmethod
+    def from_config(cls, cfg: Dict[str, Any]) -> "InferenceSettings":
+        return cls(**{f.name: cfg[f.name] for f in dataclasses.fields(cls)})
+
+    def replace(self, **overrides: Any) -> "InferenceSettings":
+        """These settings with ``overrides`` (only ``TEST_KEYS``) applied and checked."""
+        for key in overrides:
+            if key not in TEST_KEYS:
+                raise ValueError(f"{key}: not an inference setting; expected one of {TEST_KEYS}")
+        return dataclasses.replace(self, **overrides)
 
 
 def get_config(name: str, **overrides: Any) -> Dict[str, Any]:
@@ -146,16 +186,13 @@ def check_values(cfg: Dict[str, Any]) -> None:
     if not _is_number(cfg["pos_scale"]) or not 0 <= cfg["pos_scale"] <= 1:
         fail("pos_scale", "a number in [0, 1]")
     ints("train_min_size")
-    for key in ("min_size", "max_size", "size_divisor", "nms_pre", "max_per_img"):
+    for key in ("min_size", "max_size", "size_divisor"):
         if not _is_int(cfg[key]) or cfg[key] < 1:
             fail(key, "a positive int")
-    for key in ("score_thr", "mask_thr", "filter_thr", "focal_alpha", "flip_prob"):
+    for key in ("focal_alpha", "flip_prob"):
         if not _is_number(cfg[key]) or not 0 <= cfg[key] <= 1:
             fail(key, "a number in [0, 1]")
-    if cfg["nms_kernel"] not in ("gaussian", "linear"):
-        fail("nms_kernel", "'gaussian' or 'linear'")
-    if not _is_number(cfg["nms_sigma"]) or cfg["nms_sigma"] <= 0:
-        fail("nms_sigma", "a positive number")
+    InferenceSettings.from_config(cfg)  # the inference settings' own rules
     for key in ("focal_gamma", "cls_loss_weight", "mask_loss_weight"):
         if not _is_number(cfg[key]) or cfg[key] < 0:
             fail(key, "a non-negative number")

@@ -7,13 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
+from .configs import InferenceSettings
 from .heads import level_of_cells
 from .transform import ImageMeta
-
-# Cells whose masks are computed at once; past this, they are computed chunk by chunk,
-# keeping only the masks the best nms_pre candidates need.
-MASK_CHUNK = 512
-
 
 def point_nms(probs: torch.Tensor) -> torch.Tensor:
     """Keep a class score only where it is the max of its 2×2 neighbourhood (stride 1, pad 1)."""
@@ -139,14 +135,19 @@ def _stream_top_masks(head, out, b, cells, inv, cand_scores, strides, mask_size,
     return (lambda pos: held.gather(kept_cells[pos])), kept_binary, torch.cat(areas), torch.cat(masknesses)
 
 
-def postprocess_image(head, out, b: int, scores: torch.Tensor, meta: ImageMeta, cfg: dict) -> Dict[str, torch.Tensor]:
+def postprocess_image(head, out, b: int, scores: torch.Tensor, meta: ImageMeta, settings: InferenceSettings,
+                      strides: Sequence[int]) -> Dict[str, torch.Tensor]:
     """Masks, scores and labels of image ``b`` from the head's raw outputs.
 
-    ``scores`` is that image's [ΣS², C] point-NMS'd class probabilities.
+    ``scores`` is that image's [ΣS², C] point-NMS'd class probabilities; ``strides`` the
+    levels' strides (the "area > stride" rule). Past ``settings.mask_chunk`` distinct
+    candidate cells, masks are computed chunk by chunk, keeping only those the best
+    ``nms_pre`` candidates need.
     """
+    cfg = settings
     device = scores.device
     num_grids = head.num_grids
-    cand = torch.nonzero(scores > cfg["score_thr"])  # (cell, class) pairs, cell-major
+    cand = torch.nonzero(scores > cfg.score_thr)  # (cell, class) pairs, cell-major
     if cand.numel() == 0:
         return empty_result(meta.ori_shape, device)
     cells_global, labels = cand[:, 0], cand[:, 1]
@@ -155,13 +156,13 @@ def postprocess_image(head, out, b: int, scores: torch.Tensor, meta: ImageMeta, 
     # cell (``inv`` maps each candidate to its cell) and gathered only for the few
     # candidates that reach Matrix NMS.
     cells, inv = torch.unique(cells_global, return_inverse=True)
-    strides = torch.tensor(cfg["strides"], device=device, dtype=torch.float32)[level_of_cells(num_grids, device)[cells]][inv]
+    strides = torch.tensor(strides, device=device, dtype=torch.float32)[level_of_cells(num_grids, device)[cells]][inv]
 
     H, W = meta.pad_shape
     mask_size = (H // 4, W // 4)
-    thr = cfg["mask_thr"]
-    nms_pre = cfg["nms_pre"]
-    chunk = cfg.get("mask_chunk", MASK_CHUNK)
+    thr = cfg.mask_thr
+    nms_pre = cfg.nms_pre
+    chunk = cfg.mask_chunk
     # Where the ops compute every cell's map anyway (SOLO's reference), chunking would only
     # compute the same dense maps once per chunk.
     streamed = cells.numel() > chunk and not ops.cell_masks_are_dense(device)
@@ -185,15 +186,16 @@ def postprocess_image(head, out, b: int, scores: torch.Tensor, meta: ImageMeta, 
         inv = torch.unique(inv, return_inverse=True)[1]
 
     nms_scores, nms_labels, _, keep_inds = ops.matrix_nms(
-        binary_u[inv], labels, cand_scores, mask_area=area, kernel=cfg["nms_kernel"], sigma=cfg["nms_sigma"],
-        filter_thr=cfg["filter_thr"], nms_pre=nms_pre, max_num=cfg["max_per_img"],
+        binary_u[inv], labels, cand_scores, mask_area=area, kernel=cfg.nms_kernel, sigma=cfg.nms_sigma,
+        filter_thr=cfg.filter_thr, nms_pre=nms_pre, max_num=cfg.max_per_img,
     )
     if nms_scores.numel() == 0:
         return empty_result(meta.ori_shape, device)
-    masks = final_masks(soft_of(inv[keep_inds]), (H, W), meta.img_shape, meta.ori_shape, cfg["mask_thr"])
+    masks = final_masks(soft_of(inv[keep_inds]), (H, W), meta.img_shape, meta.ori_shape, cfg.mask_thr)
     return {"masks": masks, "scores": nms_scores, "labels": nms_labels}
 
 
-def postprocess(head, out, metas: List[ImageMeta], cfg: dict) -> List[Dict[str, torch.Tensor]]:
+def postprocess(head, out, metas: List[ImageMeta], settings: InferenceSettings,
+                strides: Sequence[int]) -> List[Dict[str, torch.Tensor]]:
     scores = flat_scores(out["cls"])
-    return [postprocess_image(head, out, b, scores[b], meta, cfg) for b, meta in enumerate(metas)]
+    return [postprocess_image(head, out, b, scores[b], meta, settings, strides) for b, meta in enumerate(metas)]

@@ -96,7 +96,7 @@ class SOLO(nn.Module):
             batch, metas = self.transform(images, device=self.device)
             out = self.extract(batch)
             _check_finite(out)
-            results = postprocess(self.mask_head, out, metas, self._test_cfg())
+            results = postprocess(self.mask_head, out, metas, self.inference_settings(), self.cfg["strides"])
         for r in results:
             r["boxes"] = masks_to_boxes(r["masks"])
         return results
@@ -134,14 +134,10 @@ class SOLO(nn.Module):
         return {"loss_mask": loss_mask * cfg["mask_loss_weight"], "loss_cls": loss_cls * cfg["cls_loss_weight"]}
 
     # ------------------------------------------------------------------ inference
-    def _test_cfg(self, **overrides) -> dict:
-        cfg = dict(self.cfg)
-        for key, value in overrides.items():
-            if key not in configs.TEST_KEYS:
-                raise ValueError(f"{key}: not an inference setting; expected one of {configs.TEST_KEYS}")
-            cfg[key] = value
-        configs.check_values(cfg)  # the same rules as for the model's own settings
-        return cfg
+    def inference_settings(self, **overrides) -> configs.InferenceSettings:
+        """The model's inference settings with ``overrides`` (score_thr, mask_thr, nms_pre,
+        filter_thr, max_per_img, mask_chunk) applied; a bad one raises ValueError naming it."""
+        return configs.InferenceSettings.from_config(self.cfg).replace(**overrides)
 
     @torch.no_grad()
     def predict(self, images, *, batch_size: int = 2, **overrides) -> List[SOLOResult]:
@@ -152,7 +148,7 @@ class SOLO(nn.Module):
         overrides: score_thr, mask_thr, nms_pre, filter_thr, max_per_img."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
             raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
-        cfg = self._test_cfg(**overrides)
+        settings = self.inference_settings(**overrides)
         inputs, arrays = load_images(images)
         was_training = self.training
         self.eval()
@@ -162,7 +158,7 @@ class SOLO(nn.Module):
                 batch, metas = self.transform(inputs[start : start + batch_size], device=self.device)
                 out = self.extract(batch)
                 _check_finite(out)
-                for r, arr in zip(postprocess(self.mask_head, out, metas, cfg), arrays[start : start + batch_size]):
+                for r, arr in zip(postprocess(self.mask_head, out, metas, settings, self.cfg["strides"]), arrays[start : start + batch_size]):
                     results.append(SOLOResult(r["masks"], r["scores"], r["labels"], masks_to_boxes(r["masks"]),
                                               image=arr, class_names=self.class_names))
         finally:
