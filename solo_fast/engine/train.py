@@ -3,13 +3,14 @@ CUDA, checkpoints and resume; single-process or DDP under ``torchrun``."""
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import json
 import logging
 import math
 import os
 import random
 import time
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -68,6 +69,64 @@ def _check_positive(name, value, kind=int, allow_zero=False):
     if not ok or (value < 0 if allow_zero else value <= 0) or (kind is float and not math.isfinite(value)):
         what = "a non-negative" if allow_zero else "a positive"
         raise ValueError(f"{name}: expected {what} {'int' if kind is int else 'number'}, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainOptions:
+    """The options of :func:`train` (its docstring says what each does), checked once here."""
+
+    out_dir: str
+    epochs: int = 12
+    batch_size: int = 2
+    lr: float = 0.01
+    warmup_iters: int = 500
+    milestones: Tuple[int, ...] = (8, 11)
+    gamma: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    grad_clip: Optional[float] = 35.0
+    num_workers: int = 0
+    log_every: int = 20
+    resume: Any = None
+    eval_every: int = 0
+    seed: int = 0
+    amp: bool = True
+    eval_batch_size: Optional[int] = None
+    optimizer: str = "sgd"
+    warmup_ratio: float = 1.0 / 3.0
+
+    # The hyperparameters that define a run (written to config.json); the rest say where
+    # and how it runs.
+    RECORDED = ("epochs", "batch_size", "lr", "warmup_iters", "milestones", "gamma", "momentum", "weight_decay",
+                "grad_clip", "seed", "optimizer", "warmup_ratio")
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size", "log_every"):
+            _check_positive(name, getattr(self, name))
+        for name in ("warmup_iters", "num_workers", "eval_every"):
+            _check_positive(name, getattr(self, name), allow_zero=True)
+        _check_positive("lr", self.lr, float)
+        w = self.warmup_ratio
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 < w <= 1:
+            raise ValueError(f"warmup_ratio: expected a number in (0, 1], got {w!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer: expected one of {list(OPTIMIZERS)}, got {self.optimizer!r}")
+        for name in ("momentum", "weight_decay", "gamma"):
+            _check_positive(name, getattr(self, name), float, allow_zero=True)
+        if self.grad_clip is not None:
+            _check_positive("grad_clip", self.grad_clip, float)
+        m = self.milestones
+        if isinstance(m, (str, bytes)) or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in m):
+            raise ValueError(f"milestones: expected epochs (non-negative ints), got {m!r}")
+        if not isinstance(self.out_dir, (str, os.PathLike)):
+            raise ValueError(f"out_dir: expected a directory path, got {type(self.out_dir).__name__}")
+        object.__setattr__(self, "out_dir", os.fspath(self.out_dir))
+        object.__setattr__(self, "milestones", tuple(m))
+        object.__setattr__(self, "warmup_ratio", float(w))
+
+    def recorded(self) -> Dict[str, Any]:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()
+                if k in self.RECORDED}
 
 
 def _make_logger(path: Optional[str]) -> logging.Logger:
@@ -170,25 +229,11 @@ def train(model, dataset, *, out_dir: str, epochs: int = 12, batch_size: int = 2
     DistributedDataParallel, each rank sees its share of every epoch, and only rank 0
     logs and writes files.
     """
-    for name, value in (("epochs", epochs), ("batch_size", batch_size), ("log_every", log_every)):
-        _check_positive(name, value)
-    for name, value in (("warmup_iters", warmup_iters), ("num_workers", num_workers), ("eval_every", eval_every)):
-        _check_positive(name, value, allow_zero=True)
-    _check_positive("lr", lr, float)
-    if isinstance(warmup_ratio, bool) or not isinstance(warmup_ratio, (int, float)) or not 0 < warmup_ratio <= 1:
-        raise ValueError(f"warmup_ratio: expected a number in (0, 1], got {warmup_ratio!r}")
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer: expected one of {list(OPTIMIZERS)}, got {optimizer!r}")
-    for name, value in (("momentum", momentum), ("weight_decay", weight_decay), ("gamma", gamma)):
-        _check_positive(name, value, float, allow_zero=True)
-    if grad_clip is not None:
-        _check_positive("grad_clip", grad_clip, float)
-    if isinstance(milestones, (str, bytes)) or not all(
-            isinstance(m, int) and not isinstance(m, bool) and m >= 0 for m in milestones):
-        raise ValueError(f"milestones: expected epochs (non-negative ints), got {milestones!r}")
-    if not isinstance(out_dir, (str, os.PathLike)):
-        raise ValueError(f"out_dir: expected a directory path, got {type(out_dir).__name__}")
-    out_dir = os.fspath(out_dir)
+    opts = TrainOptions(out_dir=out_dir, epochs=epochs, batch_size=batch_size, lr=lr, warmup_iters=warmup_iters,
+                        milestones=milestones, gamma=gamma, momentum=momentum, weight_decay=weight_decay,
+                        grad_clip=grad_clip, num_workers=num_workers, log_every=log_every, resume=resume,
+                        eval_every=eval_every, seed=seed, amp=amp, eval_batch_size=eval_batch_size,
+                        optimizer=optimizer, warmup_ratio=warmup_ratio)
     if len(dataset) == 0:
         raise ValueError("dataset: has no images to train on")
     net = unwrap(model)
@@ -198,15 +243,10 @@ def train(model, dataset, *, out_dir: str, epochs: int = 12, batch_size: int = 2
     if net.class_names is None and getattr(dataset, "class_names", None) is not None:
         net.class_names = list(dataset.class_names)
 
-    a = dict(out_dir=out_dir, epochs=epochs, batch_size=batch_size, lr=lr, warmup_iters=warmup_iters,
-             milestones=tuple(milestones), gamma=gamma, momentum=momentum, weight_decay=weight_decay,
-             grad_clip=grad_clip, num_workers=num_workers, log_every=log_every, resume=resume,
-             val_dataset=val_dataset, eval_every=eval_every, seed=seed, amp=amp, eval_batch_size=eval_batch_size,
-             optimizer=optimizer, warmup_ratio=float(warmup_ratio))
     dev, created = D.setup(device)
     ok = False
     try:
-        net = _train(net, dataset, dev, a)
+        net = _train(net, dataset, val_dataset, dev, opts)
         ok = True
         return net
     finally:
@@ -214,11 +254,11 @@ def train(model, dataset, *, out_dir: str, epochs: int = 12, batch_size: int = 2
         D.cleanup(created, ok)
 
 
-def _train(net, dataset, dev, a):
+def _train(net, dataset, val_dataset, dev, a: TrainOptions):
     from torch.nn.parallel import DistributedDataParallel as DDP
     from torch.utils.data import DataLoader, DistributedSampler
 
-    out_dir, epochs, batch_size = a["out_dir"], a["epochs"], a["batch_size"]
+    out_dir, epochs, batch_size = a.out_dir, a.epochs, a.batch_size
     rank, world = D.rank(), D.world_size()
     main = rank == 0
     if main:
@@ -228,21 +268,21 @@ def _train(net, dataset, dev, a):
 
     net.to(dev)
     params = [p for p in net.parameters() if p.requires_grad]
-    if a["optimizer"] == "adamw":
-        optimizer = torch.optim.AdamW(params, lr=a["lr"], weight_decay=a["weight_decay"])
+    if a.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(params, lr=a.lr, weight_decay=a.weight_decay)
     else:
-        optimizer = torch.optim.SGD(params, lr=a["lr"], momentum=a["momentum"], weight_decay=a["weight_decay"])
-    schedule = WarmupStepSchedule(optimizer, a["lr"], a["warmup_iters"], a["milestones"], a["gamma"],
-                                  warmup_ratio=a["warmup_ratio"])
+        optimizer = torch.optim.SGD(params, lr=a.lr, momentum=a.momentum, weight_decay=a.weight_decay)
+    schedule = WarmupStepSchedule(optimizer, a.lr, a.warmup_iters, a.milestones, a.gamma,
+                                  warmup_ratio=a.warmup_ratio)
     start_epoch, iteration = 0, 0
     resumed = None
-    if a["resume"] is not None and a["resume"] is not False:
-        path = _resume_path(a["resume"], out_dir)
+    if a.resume is not None and a.resume is not False:
+        path = _resume_path(a.resume, out_dir)
         resumed = _load_state(path, net)
         # States written before the optimizer choice existed are SGD's.
-        if resumed.get("optimizer_name", "sgd") != a["optimizer"]:
+        if resumed.get("optimizer_name", "sgd") != a.optimizer:
             raise ValueError(f"optimizer: {path!r} was trained with {resumed.get('optimizer_name', 'sgd')!r}, "
-                             f"got {a['optimizer']!r}; resume with the same optimizer")
+                             f"got {a.optimizer!r}; resume with the same optimizer")
         net.load_state_dict(resumed["model"])
         optimizer.load_state_dict(resumed["optimizer"])
         schedule.load_state_dict(resumed["scheduler"])
@@ -251,7 +291,7 @@ def _train(net, dataset, dev, a):
         if start_epoch >= epochs:
             logger.info(f"nothing to do: {start_epoch} epochs done, {epochs} asked for")
 
-    use_amp = bool(a["amp"]) and dev.type == "cuda"
+    use_amp = bool(a.amp) and dev.type == "cuda"
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
     if scaler.is_enabled() and resumed is not None and "scaler" in resumed:
@@ -259,8 +299,8 @@ def _train(net, dataset, dev, a):
 
     # One sampler code path: with one replica DistributedSampler is a seeded shuffle whose
     # order depends only on (seed, epoch), so a resumed run sees the same batches.
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=a["seed"])
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=a["num_workers"],
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=a.seed)
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=a.num_workers,
                         collate_fn=collate, pin_memory=dev.type == "cuda", drop_last=False)
     iters_per_epoch = len(loader)
     if world > 1:
@@ -273,10 +313,8 @@ def _train(net, dataset, dev, a):
     if main:
         with open(os.path.join(out_dir, "config.json"), "w") as f:
             json.dump({"model": net.cfg, "class_names": net.class_names,
-                       "train": {k: (list(v) if isinstance(v, tuple) else v) for k, v in a.items()
-                                 if k in ("epochs", "batch_size", "lr", "warmup_iters", "milestones", "gamma",
-                                          "momentum", "weight_decay", "grad_clip", "seed", "optimizer", "warmup_ratio")}
-                       | {"world_size": world, "iters_per_epoch": iters_per_epoch}}, f, indent=1, default=str)
+                       "train": a.recorded() | {"world_size": world, "iters_per_epoch": iters_per_epoch}},
+                      f, indent=1, default=str)
         logger.info(f"training {net.config_name} ({net.num_classes} classes) on {len(dataset)} images, "
                     f"{world} process(es) x batch {batch_size}, {iters_per_epoch} iterations/epoch, "
                     f"epochs {start_epoch + 1}..{epochs}, device {dev}"
@@ -287,15 +325,15 @@ def _train(net, dataset, dev, a):
     if main and os.path.isfile(metrics_path) and start_epoch > 0:
         with open(metrics_path) as f:
             metrics = json.load(f)
-    val_dataset, eval_every = a["val_dataset"], a["eval_every"]
+    eval_every = a.eval_every
     total_iters = epochs * iters_per_epoch
     from tqdm import tqdm
 
     for epoch in range(start_epoch, epochs):
         # Seeded per epoch (and rank), so a resumed run draws the same flips and scales as an
         # uninterrupted one without saving RNG states.
-        random.seed(a["seed"] * 1000003 + epoch * 101 + rank)
-        torch.manual_seed(a["seed"] * 1000003 + epoch * 101 + rank)
+        random.seed(a.seed * 1000003 + epoch * 101 + rank)
+        torch.manual_seed(a.seed * 1000003 + epoch * 101 + rank)
         sampler.set_epoch(epoch)
         model.train()
         bar = tqdm(total=iters_per_epoch, desc=f"epoch {epoch + 1}/{epochs}", unit="it", dynamic_ncols=True,
@@ -317,9 +355,9 @@ def _train(net, dataset, dev, a):
                     f"({ {k: float(v.detach()) for k, v in losses.items()} }); try a lower lr or a longer warm-up")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
-            if a["grad_clip"] is not None:
+            if a.grad_clip is not None:
                 scaler.unscale_(optimizer)
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, a["grad_clip"]))
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, a.grad_clip))
             else:
                 grad_norm = float("nan")
             scaler.step(optimizer)
@@ -330,7 +368,7 @@ def _train(net, dataset, dev, a):
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
             bar.set_postfix(loss=f"{float(loss.detach()):.3f}", lr=f"{lr:.2e}")
             bar.update(1)
-            if (step + 1) % a["log_every"] == 0 or step + 1 == iters_per_epoch:
+            if (step + 1) % a.log_every == 0 or step + 1 == iters_per_epoch:
                 keys = sorted(sums)
                 avg = D.mean_over_ranks([sums[k] / count for k in keys], dev)
                 now = time.perf_counter()
@@ -348,15 +386,15 @@ def _train(net, dataset, dev, a):
             state = {"model": {k: v.detach().cpu() for k, v in net.state_dict().items()},
                      "optimizer": optimizer.state_dict(), "scheduler": schedule.state_dict(),
                      "epoch": done, "iteration": iteration, "config": dict(net.cfg), "world_size": world,
-                     "optimizer_name": a["optimizer"]}
+                     "optimizer_name": a.optimizer}
             if scaler.is_enabled():
                 state["scaler"] = scaler.state_dict()
             _atomic_torch_save(state, os.path.join(out_dir, STATE_FILE))
             logger.info(f"epoch {done} done in {time.perf_counter() - t_epoch:.1f}s; saved {path}")
         D.barrier()
         if val_dataset is not None and ((eval_every and done % eval_every == 0) or done == epochs):
-            stats = evaluate(net, val_dataset, batch_size=a["eval_batch_size"] or batch_size,
-                             num_workers=a["num_workers"], verbose=main)
+            stats = evaluate(net, val_dataset, batch_size=a.eval_batch_size or batch_size,
+                             num_workers=a.num_workers, verbose=main)
             if main:
                 logger.info(f"epoch {done} eval: {format_stats(stats)}")
                 metrics.append({"epoch": done, **stats})
