@@ -1,13 +1,12 @@
 """CoordConv's coordinate channels as an epilogue pass over the real channels' convolution.
 
-``add_coord_term`` writes ``out = conv + coord_term + bias`` in one read and one write of
-the conv output: the coordinate values of every tap are rebuilt in registers from two
+``launch_coord_term`` writes ``out = conv + coord_term + bias`` in one read and one write
+of the conv output: the coordinate values of every tap are rebuilt in registers from two
 1-D vectors (x over the input width, y over the input height), with the zero padding as
 a row/column validity mask, so no coordinate map exists in memory (DESIGN.md §2).
 """
 from __future__ import annotations
 
-import os
 from typing import List, Optional
 
 import torch
@@ -15,28 +14,46 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from ._common import aot_spec, interpreting, launch_kwargs, pointer_args
+
+
+@triton.jit
+def _inside(pos, size, ACC: tl.constexpr):
+    """1 where a tap's position lies inside the map, 0 in the zero padding."""
+    return tl.where((pos >= 0) & (pos < size), 1.0, 0.0).to(ACC)
+
+
+@triton.jit
+def _tap_sum(v_ptr, pos, size, w_ptr, w_step, PAD, TAPS: tl.constexpr, ACC: tl.constexpr):
+    """``sum_t w[t * w_step] * v_pad[pos + t - PAD]``: the taps of one axis, on a 1-D vector."""
+    s = tl.zeros(pos.shape, dtype=ACC)
+    for t in tl.static_range(TAPS):
+        p = pos + (t - PAD)
+        s += tl.load(w_ptr + t * w_step).to(ACC) * tl.load(v_ptr + p, mask=(p >= 0) & (p < size), other=0.0)
+    return s
+
 
 @triton.jit
 def _coord_term_kernel(
-    conv_ptr,  # [B, O, Ho, Wo] conv of the real channels, contiguous, fp16/bf16/fp32
-    wc_ptr,  # [O, NC, KH, KW] coordinate part of the weight, contiguous
-    bias_ptr,  # [O] (unused without HAS_BIAS)
-    xs_ptr,  # [W] fp32 (fp64 for fp64 conv), x coordinate of each input column; its dtype is the accumulator's
-    ys_ptr,  # [H] same dtype as xs_ptr, y coordinate of each input row
-    out_ptr,  # [B, O, Ho, Wo], conv's dtype
-    O,
-    H,
-    W,
-    Ho,
-    Wo,
-    PAD,
-    HAS_X: tl.constexpr,
-    HAS_Y: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    KH: tl.constexpr,
-    KW: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    BLOCK_W: tl.constexpr,
+    conv_ptr,  # [B, O, Ho, Wo] conv of the real channels, contiguous, fp16/bf16/fp32/fp64
+    wc_ptr,  # [O, HAS_X + HAS_Y, KH, KW] coordinate part of the weight, contiguous, any float
+    bias_ptr,  # [O] any float (unused without HAS_BIAS)
+    xs_ptr,  # [W] x coordinate of each input column, fp32 (fp64 for fp64 conv): the accumulator's dtype
+    ys_ptr,  # [H] y coordinate of each input row, xs_ptr's dtype
+    out_ptr,  # [B, O, Ho, Wo] contiguous, conv's dtype
+    O,  # int32 output channels
+    H,  # int32 input height
+    W,  # int32 input width
+    Ho,  # int32 output height
+    Wo,  # int32 output width
+    PAD,  # int32 zero padding on every side
+    HAS_X: tl.constexpr,  # 0/1: weight channel 0 is the x coordinate
+    HAS_Y: tl.constexpr,  # 0/1: the next weight channel is the y coordinate
+    HAS_BIAS: tl.constexpr,  # bool
+    KH: tl.constexpr,  # kernel height
+    KW: tl.constexpr,  # kernel width
+    BLOCK_H: tl.constexpr,  # output rows per program
+    BLOCK_W: tl.constexpr,  # output columns per program
 ):
     pid_bo = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -54,23 +71,13 @@ def _coord_term_kernel(
     # of 2 * KH * KW).
     if HAS_X:
         for kh in tl.static_range(KH):
-            ii = hs + (kh - PAD)
-            row_one = tl.where((ii >= 0) & (ii < H), 1.0, 0.0).to(ACC)
-            xk = tl.zeros((BLOCK_W,), dtype=ACC)
-            for kw in tl.static_range(KW):
-                jj = ws + (kw - PAD)
-                wx = tl.load(wc_ptr + (o * NC * KH + kh) * KW + kw).to(ACC)
-                xk += wx * tl.load(xs_ptr + jj, mask=(jj >= 0) & (jj < W), other=0.0)
+            row_one = _inside(hs + (kh - PAD), H, ACC)
+            xk = _tap_sum(xs_ptr, ws, W, wc_ptr + (o * NC * KH + kh) * KW, 1, PAD, KW, ACC)
             acc += row_one[:, None] * xk[None, :]
     if HAS_Y:
         for kw in tl.static_range(KW):
-            jj = ws + (kw - PAD)
-            col_one = tl.where((jj >= 0) & (jj < W), 1.0, 0.0).to(ACC)
-            yk = tl.zeros((BLOCK_H,), dtype=ACC)
-            for kh in tl.static_range(KH):
-                ii = hs + (kh - PAD)
-                wy = tl.load(wc_ptr + ((o * NC + HAS_X) * KH + kh) * KW + kw).to(ACC)
-                yk += wy * tl.load(ys_ptr + ii, mask=(ii >= 0) & (ii < H), other=0.0)
+            col_one = _inside(ws + (kw - PAD), W, ACC)
+            yk = _tap_sum(ys_ptr, hs, H, wc_ptr + (o * NC + HAS_X) * KH * KW + kw, KW, PAD, KH, ACC)
             acc += yk[:, None] * col_one[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + o).to(ACC)
@@ -83,40 +90,34 @@ def _coord_term_kernel(
     tl.store(out_ptr + plane + offs, (conv + acc).to(out_ptr.dtype.element_ty), mask=ok)
 
 
-# Block shape per launch. Memory-bound elementwise pass: 16x64 tiles, 8 outputs per
-# thread with 4 warps, rows of 64 fp32 = 256 B coalesced lines. ptxas-blackwell -v: 40-96
-# registers on sm_80/sm_90a and no spills; 32x64 tiles needed 64-174.
-BLOCK_H = 16
-BLOCK_W = 64
-NUM_WARPS = 4
+# Memory-bound elementwise pass: 16x64 tiles, 8 outputs per thread with 4 warps, rows of
+# 64 fp32 = 256 B coalesced lines. ptxas-blackwell -v: 40-96 registers on sm_80/sm_90a
+# and no spills; 32x64 tiles needed 64-174.
+_CONFIG = triton.Config({"BLOCK_H": 16, "BLOCK_W": 64}, num_warps=4)
 # The interpreter runs each program as numpy ops: bigger tiles mean fewer Python-level
 # programs, and tile shape does not change the result.
-_INTERP_BLOCK = (64, 64)
+_INTERPRETER_CONFIG = triton.Config({"BLOCK_H": 64, "BLOCK_W": 64}, num_warps=4)
 
 
-def add_coord_term(
+def launch_coord_term(
     conv: torch.Tensor,
     w_coord: torch.Tensor,
     bias: Optional[torch.Tensor],
     xs: torch.Tensor,
     ys: torch.Tensor,
-    out: torch.Tensor,
-    *,
     padding: int,
-    has_x: bool,
-    has_y: bool,
+    coords: str,
 ) -> torch.Tensor:
-    """``out[b, o] = conv[b, o] + coord term of w_coord[o] + bias[o]``; ``out`` contiguous like ``conv``."""
+    """``conv`` [B, O, Ho, Wo] + the coordinate term of ``w_coord`` [O, n, KH, KW] + ``bias`` [O], contiguous."""
+    out = torch.empty_like(conv, memory_format=torch.contiguous_format)
     b, o, ho, wo = conv.shape
     if conv.numel() == 0:
         return out
-    conv = conv.contiguous()
     w_coord = w_coord.contiguous()
-    kh, kw = int(w_coord.shape[2]), int(w_coord.shape[3])
-    bh, bw = _INTERP_BLOCK if os.environ.get("TRITON_INTERPRET") == "1" else (BLOCK_H, BLOCK_W)
-    grid = (b * o, triton.cdiv(ho, bh), triton.cdiv(wo, bw))
+    cfg = _INTERPRETER_CONFIG if interpreting() else _CONFIG
+    grid = (b * o, triton.cdiv(ho, cfg.kwargs["BLOCK_H"]), triton.cdiv(wo, cfg.kwargs["BLOCK_W"]))
     wrap_triton(_coord_term_kernel)[grid](
-        conv,
+        conv.contiguous(),
         w_coord,
         bias if bias is not None else w_coord,
         xs.contiguous(),
@@ -128,14 +129,12 @@ def add_coord_term(
         ho,
         wo,
         padding,
-        HAS_X=int(bool(has_x)),
-        HAS_Y=int(bool(has_y)),
+        HAS_X=int("x" in coords),
+        HAS_Y=int("y" in coords),
         HAS_BIAS=bias is not None,
-        KH=kh,
-        KW=kw,
-        BLOCK_H=bh,
-        BLOCK_W=bw,
-        num_warps=NUM_WARPS,
+        KH=int(w_coord.shape[2]),
+        KW=int(w_coord.shape[3]),
+        **launch_kwargs(cfg),
     )
     return out
 
@@ -145,58 +144,17 @@ def aot_specs() -> List[dict]:
 
     3x3 kernels of the SOLO heads, each coordinate set, with and without bias, fp32 /
     fp16 / bf16 activations, 16-aligned pointers (every torch allocation); plus, for
-    "xy" with bias, map sizes divisible by 16 (vectorised loads and stores).
+    "xy" with bias, map sizes divisible by 16 (vectorised loads and stores), and one
+    output channel of a 1x1 map (Triton turns int arguments equal to 1 into constants).
     """
-    ptrs = ("conv_ptr", "wc_ptr", "bias_ptr", "xs_ptr", "ys_ptr", "out_ptr")
-    div16 = [["tt.divisibility", 16]]
-    variants = [(dt, hx, hy, hb, False) for dt in ("fp32", "fp16", "bf16")
-                for hx, hy in ((1, 1), (1, 0), (0, 1)) for hb in (True, False)]
-    variants += [(dt, 1, 1, True, True) for dt in ("fp32", "fp16", "bf16")]
-    specs = []
-    for dt, has_x, has_y, has_bias, even in variants:
-        sig = {
-            "conv_ptr": f"*{dt}",
-            "wc_ptr": f"*{dt}",
-            "bias_ptr": f"*{dt}",
-            "xs_ptr": "*fp32",
-            "ys_ptr": "*fp32",
-            "out_ptr": f"*{dt}",
-            "O": "i32",
-            "H": "i32",
-            "W": "i32",
-            "Ho": "i32",
-            "Wo": "i32",
-            "PAD": "i32",
-        }
-        constexprs = {
-            "HAS_X": has_x,
-            "HAS_Y": has_y,
-            "HAS_BIAS": has_bias,
-            "KH": 3,
-            "KW": 3,
-            "BLOCK_H": BLOCK_H,
-            "BLOCK_W": BLOCK_W,
-        }
-        for k in constexprs:
-            sig[k] = "constexpr"
-        attrs = {name: div16 for name in ptrs}
-        if even:
-            attrs.update({name: div16 for name in ("H", "W", "Ho", "Wo")})
-        specs.append(
-            {
-                "fn": _coord_term_kernel,
-                "signature": sig,
-                "constexprs": constexprs,
-                "attrs": attrs,
-                "num_warps": NUM_WARPS,
-                "num_stages": 1,
-                "tensor_cores": False,
-            }
-        )
-    # Triton turns int arguments equal to 1 into constants: one output channel, 1x1 maps.
-    ones = dict(specs[0], signature=dict(specs[0]["signature"]), constexprs=dict(specs[0]["constexprs"]))
-    for name in ("O", "H", "W", "Ho", "Wo", "PAD"):
-        ones["signature"][name] = "constexpr"
-        ones["constexprs"][name] = 1
-    specs.append(ones)
+    kernel, ptrs = _coord_term_kernel, pointer_args(_coord_term_kernel)
+    dtypes = ("fp32", "fp16", "bf16")
+    types = {dt: {**dict.fromkeys(ptrs, f"*{dt}"), "xs_ptr": "*fp32", "ys_ptr": "*fp32"} for dt in dtypes}
+    xy = dict(HAS_X=1, HAS_Y=1, HAS_BIAS=True, KH=3, KW=3)
+    specs = [
+        aot_spec(kernel, _CONFIG, types[dt], aligned=ptrs, HAS_X=hx, HAS_Y=hy, HAS_BIAS=hb, KH=3, KW=3)
+        for dt in dtypes for hx, hy in ((1, 1), (1, 0), (0, 1)) for hb in (True, False)
+    ]
+    specs += [aot_spec(kernel, _CONFIG, types[dt], aligned=ptrs + ("H", "W", "Ho", "Wo"), **xy) for dt in dtypes]
+    specs.append(aot_spec(kernel, _CONFIG, types["fp32"], aligned=ptrs, ones=("O", "H", "W", "Ho", "Wo", "PAD"), **xy))
     return specs

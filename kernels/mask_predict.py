@@ -17,17 +17,19 @@ gives the reference's logits bit for bit.
 """
 from __future__ import annotations
 
-import os
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-# OPERAND codes (a constexpr int keeps the AOT signatures simple).
-IEEE, FP16, BF16 = 0, 1, 2
-OPERANDS = {"ieee": IEEE, "fp16": FP16, "bf16": BF16}
+from ._common import aot_spec, interpreting, launch_kwargs, pointer_args
+
+# GEMM operand modes, the kernel's OPERAND (an int keeps the op's schema and the AOT
+# signatures simple): fp32 "ieee" dots, or operands rounded to fp16 / bf16.
+IEEE, FP16, BF16 = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+OPERANDS = {"ieee": IEEE.value, "fp16": FP16.value, "bf16": BF16.value}
 
 
 @triton.jit
@@ -39,19 +41,19 @@ def _mask_predict_kernel(
     bin_ptr,  # [K, N] uint8, contiguous
     area_ptr,  # [K] int32, zero-initialised; pixels over the threshold
     msum_ptr,  # [K] fp32, zero-initialised; sum of soft over those pixels
-    K,
-    E,
-    N,
-    stride_k,
-    stride_e,
-    mask_thr,  # fp32
-    K_BUCKET,  # autotune key only: next power of two of K
-    N_BUCKET,  # autotune key only: next power of two of N
-    HAS_BIAS: tl.constexpr,
-    OPERAND: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_E: tl.constexpr,
+    K,  # int32 number of masks
+    E,  # int32 feature channels
+    N,  # int32 pixels per mask
+    stride_k,  # int32 elements between rows of kern_ptr
+    stride_e,  # int32 elements between rows of feat_ptr
+    mask_thr,  # fp32 threshold of the binary mask
+    k_bucket,  # int32 autotune key only: next power of two of K
+    n_bucket,  # int32 autotune key only: next power of two of N
+    HAS_BIAS: tl.constexpr,  # bool
+    OPERAND: tl.constexpr,  # IEEE, FP16 or BF16
+    BLOCK_K: tl.constexpr,  # masks per program
+    BLOCK_N: tl.constexpr,  # pixels per program
+    BLOCK_E: tl.constexpr,  # channels per dot
 ):
     # Mask tiles vary fastest, so the programs resident at one time share their feature
     # tile through L2 and features are read from DRAM about once.
@@ -77,9 +79,9 @@ def _mask_predict_kernel(
         e_ok = (e0 + re) < E
         a = tl.load(a_base + a_offs, mask=k_ok[:, None] & e_ok[None, :], other=0.0)
         b = tl.load(b_base + b_offs, mask=e_ok[:, None] & n_ok[None, :], other=0.0)
-        if OPERAND == 1:
+        if OPERAND == FP16:
             acc = tl.dot(a.to(tl.float16), b.to(tl.float16), acc)
-        elif OPERAND == 2:
+        elif OPERAND == BF16:
             acc = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
         else:
             acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
@@ -106,58 +108,46 @@ def _mask_predict_kernel(
 # 128x128 with 4 / 8 warps) every config spilled on sm_90a (368-840 bytes, unaligned
 # specialisation), at 32 none does (89-126 registers aligned, 149-254 unaligned).
 # 16 warps would cap registers at 128 and spill again.
-CONFIGS = [
-    dict(BLOCK_K=64, BLOCK_N=128, BLOCK_E=32, num_warps=8, num_stages=3),
-    dict(BLOCK_K=128, BLOCK_N=64, BLOCK_E=32, num_warps=8, num_stages=3),
-    dict(BLOCK_K=64, BLOCK_N=64, BLOCK_E=32, num_warps=4, num_stages=3),
-    dict(BLOCK_K=32, BLOCK_N=128, BLOCK_E=32, num_warps=4, num_stages=3),
+_CONFIGS = [
+    triton.Config({"BLOCK_K": 64, "BLOCK_N": 128, "BLOCK_E": 32}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_K": 128, "BLOCK_N": 64, "BLOCK_E": 32}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_K": 64, "BLOCK_N": 64, "BLOCK_E": 32}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_K": 32, "BLOCK_N": 128, "BLOCK_E": 32}, num_warps=4, num_stages=3),
 ]
 # Under the interpreter each program is a batch of numpy ops: large tiles mean fewer
 # Python-level programs. (BLOCK_E sets the order of the fp32 sums over E, which the
 # tests' tolerances cover.)
-_INTERP_CONFIG = dict(BLOCK_K=32, BLOCK_N=256, BLOCK_E=64)
-
-
-def _triton_config(c: dict) -> triton.Config:
-    meta = {k: v for k, v in c.items() if k.startswith("BLOCK")}
-    return triton.Config(meta, num_warps=c["num_warps"], num_stages=c["num_stages"])
-
+_INTERPRETER_CONFIG = triton.Config({"BLOCK_K": 32, "BLOCK_N": 256, "BLOCK_E": 64})
 
 # Keyed on power-of-two buckets: the number of masks changes with every image, and
 # re-tuning for each distinct K would cost more than it saves.
-_tuned_kernel = triton.autotune(
-    configs=[_triton_config(c) for c in CONFIGS],
-    key=["E", "K_BUCKET", "N_BUCKET", "OPERAND"],
+_mask_predict_kernel_tuned = triton.autotune(
+    configs=_CONFIGS,
+    key=["E", "k_bucket", "n_bucket", "OPERAND"],
     reset_to_zero=["area_ptr", "msum_ptr"],
 )(_mask_predict_kernel)
 
 
-def _next_pow2(v: int) -> int:
-    return 1 << max(0, int(v) - 1).bit_length()
-
-
-def mask_predict(
+def launch_mask_predict(
     features: torch.Tensor,
     kernels: torch.Tensor,
     bias: Optional[torch.Tensor],
-    soft: torch.Tensor,
-    binary: torch.Tensor,
-    area: torch.Tensor,
-    msum: torch.Tensor,
-    *,
     mask_thr: float,
+    out_dtype: torch.dtype,
     operand: int,
-) -> None:
-    """Fill ``soft`` [K, N], ``binary`` [K, N] uint8, ``area`` [K] int32 and ``msum`` [K] fp32.
-
-    ``features`` [E, N] and ``kernels`` [K, E] with unit column stride; ``area`` and
-    ``msum`` must be zeros on entry (the kernel accumulates into them).
-    """
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``features`` [E, N], ``kernels`` [K, E] (unit column strides) -> soft [K, N] ``out_dtype``,
+    binary [K, N] uint8, area [K] int32, msum [K] fp32 (the sum of soft over the binary mask)."""
     k, e = kernels.shape
     n = features.shape[1]
+    dev = features.device
+    soft = torch.empty(k, n, dtype=out_dtype, device=dev)
+    binary = torch.empty(k, n, dtype=torch.uint8, device=dev)
+    area = torch.zeros(k, dtype=torch.int32, device=dev)
+    msum = torch.zeros(k, dtype=torch.float32, device=dev)
     if k == 0 or n == 0:
-        return
-    args = (
+        return soft, binary, area, msum
+    args = [
         kernels,
         features,
         bias if bias is not None else msum,
@@ -171,24 +161,25 @@ def mask_predict(
         kernels.stride(0),
         features.stride(0),
         float(mask_thr),
-        _next_pow2(k),
-        _next_pow2(n),
-    )
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        if operand == BF16:
+        triton.next_power_of_2(int(k)),
+        triton.next_power_of_2(int(n)),
+    ]
+    grid = lambda meta: (triton.cdiv(k, meta["BLOCK_K"]), triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
+    if interpreting():
+        if operand == BF16.value:
             # Triton 3.9's interpreter gets tl.dot on bf16 operands wrong (errors ~1e10 on
             # a 16x16 product of N(0, 1) values) and its fp32 -> bf16 cast truncates; the
             # GPU rounds to nearest even. Rounding the operands here with torch and running
             # the exact fp32 dot gives the GPU's numbers: bf16 x bf16 products are exact
             # in fp32, accumulated in fp32.
-            args = (args[0].bfloat16(), args[1].bfloat16()) + args[2:]
-            operand = IEEE
-        c = _INTERP_CONFIG
-        grid = (triton.cdiv(k, c["BLOCK_K"]), triton.cdiv(n, c["BLOCK_N"]))
-        wrap_triton(_mask_predict_kernel)[grid](*args, HAS_BIAS=bias is not None, OPERAND=operand, **c)
+            args[0], args[1] = kernels.bfloat16(), features.bfloat16()
+            operand = IEEE.value
+        wrap_triton(_mask_predict_kernel)[grid](
+            *args, HAS_BIAS=bias is not None, OPERAND=operand, **launch_kwargs(_INTERPRETER_CONFIG)
+        )
     else:
-        grid = lambda meta: (triton.cdiv(k, meta["BLOCK_K"]), triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
-        wrap_triton(_tuned_kernel)[grid](*args, HAS_BIAS=bias is not None, OPERAND=operand)
+        wrap_triton(_mask_predict_kernel_tuned)[grid](*args, HAS_BIAS=bias is not None, OPERAND=operand)
+    return soft, binary, area, msum
 
 
 def aot_specs() -> List[dict]:
@@ -198,59 +189,22 @@ def aot_specs() -> List[dict]:
     the kernel (the "ieee" mode is the interpreter's exact-parity mode and has no mma).
     A launch specialises on 16-aligned pointers (every torch allocation) and on ints
     divisible by 16 (vectorised loads and stores); the model's shapes (E = 256, H*W a
-    multiple of 64) get that, odd sizes do not, so fp16 is also compiled without it.
+    multiple of 64) get that, odd sizes do not, so fp16 is also compiled without it, and
+    once with one mask over a 1x1 map (Triton turns int arguments equal to 1 into constants).
     """
-    ptrs = ("kern_ptr", "feat_ptr", "bias_ptr", "soft_ptr", "bin_ptr", "area_ptr", "msum_ptr")
-    div16 = [["tt.divisibility", 16]]
-    variants = [("fp16", "fp16", FP16, True), ("bf16", "bf16", BF16, True), ("fp32", "fp16", FP16, True),
-                ("fp16", "fp16", FP16, False)]
-    specs = []
-    for in_dt, out_dt, operand, even in variants:
-        attrs = {name: div16 for name in ptrs}
-        if even:
-            attrs.update({name: div16 for name in ("E", "N", "stride_k", "stride_e")})
-        for c in CONFIGS:
-            sig = {
-                "kern_ptr": f"*{in_dt}",
-                "feat_ptr": f"*{in_dt}",
-                "bias_ptr": f"*{in_dt}",
-                "soft_ptr": f"*{out_dt}",
-                "bin_ptr": "*u8",
-                "area_ptr": "*i32",
-                "msum_ptr": "*fp32",
-                "K": "i32",
-                "E": "i32",
-                "N": "i32",
-                "stride_k": "i32",
-                "stride_e": "i32",
-                "mask_thr": "fp32",
-                "K_BUCKET": "i32",
-                "N_BUCKET": "i32",
-            }
-            constexprs = {
-                "HAS_BIAS": True,
-                "OPERAND": operand,
-                "BLOCK_K": c["BLOCK_K"],
-                "BLOCK_N": c["BLOCK_N"],
-                "BLOCK_E": c["BLOCK_E"],
-            }
-            for name in constexprs:
-                sig[name] = "constexpr"
-            specs.append(
-                {
-                    "fn": _mask_predict_kernel,
-                    "signature": sig,
-                    "constexprs": constexprs,
-                    "attrs": attrs,
-                    "num_warps": c["num_warps"],
-                    "num_stages": c["num_stages"],
-                    "tensor_cores": True,
-                }
-            )
-    # Triton turns int arguments equal to 1 into constants: one mask over a 1x1 map.
-    ones = dict(specs[-1], signature=dict(specs[-1]["signature"]), constexprs=dict(specs[-1]["constexprs"]))
-    for name in ("K", "N", "stride_e", "K_BUCKET", "N_BUCKET"):
-        ones["signature"][name] = "constexpr"
-        ones["constexprs"][name] = 1
-    specs.append(ones)
+    kernel, ptrs = _mask_predict_kernel, pointer_args(_mask_predict_kernel)
+
+    def types(in_dt, out_dt):
+        return {**dict.fromkeys(("kern_ptr", "feat_ptr", "bias_ptr"), f"*{in_dt}"), "soft_ptr": f"*{out_dt}",
+                "bin_ptr": "*u8", "area_ptr": "*i32", "msum_ptr": "*fp32", "mask_thr": "fp32"}
+
+    even = ptrs + ("E", "N", "stride_k", "stride_e")
+    variants = [("fp16", "fp16", FP16, even), ("bf16", "bf16", BF16, even), ("fp32", "fp16", FP16, even),
+                ("fp16", "fp16", FP16, ptrs)]
+    specs = [
+        aot_spec(kernel, c, types(in_dt, out_dt), aligned=aligned, tensor_cores=True, HAS_BIAS=True, OPERAND=op.value)
+        for in_dt, out_dt, op, aligned in variants for c in _CONFIGS
+    ]
+    specs.append(aot_spec(kernel, _CONFIGS[-1], types("fp16", "fp16"), aligned=ptrs, tensor_cores=True,
+                          ones=("K", "N", "stride_e", "k_bucket", "n_bucket"), HAS_BIAS=True, OPERAND=FP16.value))
     return specs

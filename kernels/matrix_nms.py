@@ -24,28 +24,14 @@ mask from L2 about 5 times (172 MB), which is the likelier practical limit.
 """
 from __future__ import annotations
 
-import os
+from typing import List, Optional
 
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the intersection kernel. int8
-# operands: a stage holds (BLOCK_M + BLOCK_N) * BLOCK_K bytes, which keeps every config
-# within sm_80's 163 KB of shared memory. 128 x 128 int32 accumulators use 8 warps: with
-# them ptxas (sm_80 and sm_90a, Triton 3.9) reports 254-255 registers and no spills
-# (with 4 warps, 128 x 128 x 64 spills ~600 B); the 64 x 64 tiles take 148-168 registers
-# with 4 warps.
-_INTER_CONFIGS = [
-    (128, 128, 128, 8, 3),
-    (128, 128, 256, 8, 2),
-    (64, 64, 256, 4, 4),
-    (64, 64, 128, 4, 3),
-]
-# The epilogue kernels touch N^2 / 2 floats once each; their tile shape hardly matters.
-_EPI_BLOCK_I = 64
-_EPI_BLOCK_J = 32
-_EPI_WARPS = 4
+from ._common import aot_spec, interpreting, launch_kwargs
 
 
 @triton.jit
@@ -57,9 +43,9 @@ def _inter_kernel(
     stride_m,  # int32/int64 elements between consecutive masks (multiple of 16)
     n_bucket,  # int32 autotune key only: next power of two of N
     k_bucket,  # int32 autotune key only: next power of two of K
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # rows (masks i) per program
+    BLOCK_N: tl.constexpr,  # columns (masks j) per program
+    BLOCK_K: tl.constexpr,  # pixels per dot
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -111,7 +97,8 @@ def _inter_kernel(
 
 @triton.jit
 def _iou_tile(inter_ptr, areas_ptr, labels_ptr, rows, cols, a_j, l_j, N):
-    """IoU of rows x cols with the label test applied; 0 outside i < j < N."""
+    """(iou [BLOCK_I, BLOCK_J] fp32, valid) of int32 ``rows`` x ``cols`` whose areas / labels
+    are ``a_j`` / ``l_j``, with the label test applied; iou is 0 outside i < j < N."""
     valid = (rows[:, None] < cols[None, :]) & (cols[None, :] < N)
     inter = tl.load(inter_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :], mask=valid, other=0).to(tl.float32)
     a_i = tl.load(areas_ptr + rows, mask=rows < N, other=0.0)
@@ -124,19 +111,26 @@ def _iou_tile(inter_ptr, areas_ptr, labels_ptr, rows, cols, a_j, l_j, N):
 
 
 @triton.jit
+def _columns(areas_ptr, labels_ptr, col0, N, BLOCK_J: tl.constexpr):
+    """Columns j = col0 + [0, BLOCK_J), their areas and labels (-2 past N: never a row's label)."""
+    cols = col0 + tl.arange(0, BLOCK_J)
+    a_j = tl.load(areas_ptr + cols, mask=cols < N, other=0.0)
+    l_j = tl.load(labels_ptr + cols, mask=cols < N, other=-2)
+    return cols, a_j, l_j
+
+
+@triton.jit
 def _comp_kernel(
     inter_ptr,  # int32 [N, N] intersections, upper triangle
     areas_ptr,  # float32 [N] mask areas
     labels_ptr,  # int32 [N] class labels
     comp_ptr,  # float32 [N] out: comp[j] = max_{i < j, same label} iou[i, j]
     N,  # int32 number of masks
-    BLOCK_I: tl.constexpr,
-    BLOCK_J: tl.constexpr,
+    BLOCK_I: tl.constexpr,  # rows per step
+    BLOCK_J: tl.constexpr,  # columns per program
 ):
     col0 = tl.program_id(0) * BLOCK_J
-    cols = col0 + tl.arange(0, BLOCK_J)
-    a_j = tl.load(areas_ptr + cols, mask=cols < N, other=0.0)
-    l_j = tl.load(labels_ptr + cols, mask=cols < N, other=-2)
+    cols, a_j, l_j = _columns(areas_ptr, labels_ptr, col0, N, BLOCK_J)
     comp = tl.zeros((BLOCK_J,), dtype=tl.float32)
     # Only rows above the block's last column can pair with it.
     for row0 in range(0, col0 + BLOCK_J, BLOCK_I):
@@ -156,13 +150,11 @@ def _decay_kernel(
     N,  # int32 number of masks
     sigma,  # float32 gaussian sigma (unused by the linear kernel)
     LINEAR: tl.constexpr,  # 0: gaussian exp(-sigma x^2), 1: linear 1 - x
-    BLOCK_I: tl.constexpr,
-    BLOCK_J: tl.constexpr,
+    BLOCK_I: tl.constexpr,  # rows per step
+    BLOCK_J: tl.constexpr,  # columns per program
 ):
     col0 = tl.program_id(0) * BLOCK_J
-    cols = col0 + tl.arange(0, BLOCK_J)
-    a_j = tl.load(areas_ptr + cols, mask=cols < N, other=0.0)
-    l_j = tl.load(labels_ptr + cols, mask=cols < N, other=-2)
+    cols, a_j, l_j = _columns(areas_ptr, labels_ptr, col0, N, BLOCK_J)
     # Pairs i >= j contribute f(0) / f(comp[i]) >= 1 in the reference's full-matrix min,
     # and row 0 always gives a value <= 1, so starting at 1 and visiting i < j only
     # reproduces the reference exactly (and gives mask 0 a decay of 1).
@@ -181,15 +173,24 @@ def _decay_kernel(
     tl.store(decay_ptr + cols, decay, mask=cols < N)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
+# Intersection tiles. int8 operands: a stage holds (BLOCK_M + BLOCK_N) * BLOCK_K bytes,
+# which keeps every config within sm_80's 163 KB of shared memory. 128 x 128 int32
+# accumulators use 8 warps: with them ptxas (sm_80 and sm_90a, Triton 3.9) reports
+# 254-255 registers and no spills (with 4 warps, 128 x 128 x 64 spills ~600 B); the
+# 64 x 64 tiles take 148-168 registers with 4 warps.
+_INTER_CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 256}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 256}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128}, num_warps=4, num_stages=3),
+]
+# The epilogue kernels touch N^2 / 2 floats once each; their tile shape hardly matters.
+_EPILOGUE_CONFIG = triton.Config({"BLOCK_I": 64, "BLOCK_J": 32}, num_warps=4)
+# Programs a wave holds under the interpreter: few, but several splits so the atomics run.
+_INTERPRETER_SMS = 8
 
 _inter_kernel_tuned = triton.autotune(
-    configs=[
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
-        for m, n, k, w, s in _INTER_CONFIGS
-    ],
+    configs=_INTER_CONFIGS,
     key=["n_bucket", "k_bucket"],
     # Autotuning launches the kernel once per config; each launch accumulates.
     reset_to_zero=["inter_ptr"],
@@ -199,8 +200,7 @@ _inter_kernel_tuned = triton.autotune(
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
-    # Under the interpreter: few programs, but still several splits so the atomics run.
-    return 8
+    return _INTERPRETER_SMS
 
 
 def _split_k(n: int, k: int, block_m: int, block_n: int, block_k: int, num_sms: int) -> int:
@@ -209,7 +209,7 @@ def _split_k(n: int, k: int, block_m: int, block_n: int, block_k: int, num_sms: 
     # One wave of programs; on the GPU each split keeps at least 4 K blocks so the
     # pipeline fills (the interpreter takes any split, to exercise the atomics).
     k_blocks = triton.cdiv(k, block_k)
-    min_blocks = 1 if _interpreting() else 4
+    min_blocks = 1 if interpreting() else 4
     split = max(1, min(triton.cdiv(num_sms, max(live, 1)), k_blocks // min_blocks))
     # Equal shares of whole K blocks, none empty.
     return triton.cdiv(k_blocks, triton.cdiv(k_blocks, split))
@@ -222,14 +222,12 @@ def launch_decay(
     kernel: str,
     sigma: float,
     *,
-    wrap=lambda fn: fn,
-    config=None,
+    config: Optional[int] = None,
 ) -> torch.Tensor:
     """Decay factors (float32 [N]) of ``masks`` [N, H, W] bool/uint8 (0/1) sorted by score.
 
-    ``wrap`` is ``torch.library.wrap_triton`` when called from the op. ``config`` picks one
-    entry of ``_INTER_CONFIGS`` instead of autotuning (tests; always so under the
-    interpreter, where autotuning would only time numpy).
+    ``config`` picks one entry of ``_INTER_CONFIGS`` instead of autotuning (tests; always
+    so under the interpreter, where autotuning would only time numpy).
     """
     n = masks.shape[0]
     device = masks.device
@@ -258,75 +256,42 @@ def launch_decay(
     inter = torch.zeros((n, n), dtype=torch.int32, device=device)
     comp = torch.empty(n, dtype=torch.float32, device=device)
     if k > 0:
-        n_bucket, k_bucket = triton.next_power_of_2(n), triton.next_power_of_2(k)
         sms = _num_sms(device)
-        if config is None and not _interpreting():
 
-            def grid(meta):
-                bm, bn, bk = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"]
-                return (triton.cdiv(n, bm), triton.cdiv(n, bn), _split_k(n, k, bm, bn, bk, sms))
+        def grid(meta):
+            bm, bn, bk = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"]
+            return (triton.cdiv(n, bm), triton.cdiv(n, bn), _split_k(n, k, bm, bn, bk, sms))
 
-            wrap(_inter_kernel_tuned)[grid](flat, inter, n, k, flat.stride(0), n_bucket, k_bucket)
+        args = (flat, inter, n, k, flat.stride(0), triton.next_power_of_2(n), triton.next_power_of_2(k))
+        if config is None and not interpreting():
+            wrap_triton(_inter_kernel_tuned)[grid](*args)
         else:
-            bm, bn, bk, warps, stages = _INTER_CONFIGS[-1 if config is None else config]
-            grid = (triton.cdiv(n, bm), triton.cdiv(n, bn), _split_k(n, k, bm, bn, bk, sms))
-            wrap(_inter_kernel)[grid](
-                flat, inter, n, k, flat.stride(0), n_bucket, k_bucket,
-                BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
-            )
-    grid_j = (triton.cdiv(n, _EPI_BLOCK_J),)
-    wrap(_comp_kernel)[grid_j](
-        inter, areas, labels, comp, n, BLOCK_I=_EPI_BLOCK_I, BLOCK_J=_EPI_BLOCK_J, num_warps=_EPI_WARPS,
-    )
-    wrap(_decay_kernel)[grid_j](
+            cfg = _INTER_CONFIGS[-1 if config is None else config]
+            wrap_triton(_inter_kernel)[grid](*args, **launch_kwargs(cfg))
+    grid_j = (triton.cdiv(n, _EPILOGUE_CONFIG.kwargs["BLOCK_J"]),)
+    wrap_triton(_comp_kernel)[grid_j](inter, areas, labels, comp, n, **launch_kwargs(_EPILOGUE_CONFIG))
+    wrap_triton(_decay_kernel)[grid_j](
         inter, areas, labels, comp, decay, n, float(sigma), LINEAR=int(kernel == "linear"),
-        BLOCK_I=_EPI_BLOCK_I, BLOCK_J=_EPI_BLOCK_J, num_warps=_EPI_WARPS,
+        **launch_kwargs(_EPILOGUE_CONFIG),
     )
     return decay
 
 
-def aot_specs():
-    """Every kernel and config of this module, for ahead-of-time compilation (tests/test_triton_aot.py).
+def aot_specs() -> List[dict]:
+    """Every kernel and config of this module, for ahead-of-time compilation (DESIGN.md §5).
 
-    ``attrs`` (optional) maps an argument name to the ASTSource attributes a real launch
-    would specialise it with (16-byte divisibility).
+    The intersection kernel specialises on what launch_decay guarantees (16-aligned mask
+    rows and K, a fresh ``inter``); the epilogue kernels are compiled without alignment.
     """
-    specs = []
-    for m, n, k, w, s in _INTER_CONFIGS:
-        specs.append({
-            "fn": _inter_kernel,
-            "signature": {
-                "masks_ptr": "*i8", "inter_ptr": "*i32", "N": "i32", "K": "i32", "stride_m": "i32",
-                "n_bucket": "i32", "k_bucket": "i32",
-                "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
-            },
-            "constexprs": {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k},
-            # What launch_decay guarantees and Triton's JIT then specialises on.
-            "attrs": {name: [["tt.divisibility", 16]] for name in ("masks_ptr", "inter_ptr", "K", "stride_m")},
-            "num_warps": w,
-            "num_stages": s,
-            "tensor_cores": True,
-        })
-    specs.append({
-        "fn": _comp_kernel,
-        "signature": {
-            "inter_ptr": "*i32", "areas_ptr": "*fp32", "labels_ptr": "*i32", "comp_ptr": "*fp32", "N": "i32",
-            "BLOCK_I": "constexpr", "BLOCK_J": "constexpr",
-        },
-        "constexprs": {"BLOCK_I": _EPI_BLOCK_I, "BLOCK_J": _EPI_BLOCK_J},
-        "num_warps": _EPI_WARPS,
-        "num_stages": 3,
-    })
-    for linear in (0, 1):
-        specs.append({
-            "fn": _decay_kernel,
-            "signature": {
-                "inter_ptr": "*i32", "areas_ptr": "*fp32", "labels_ptr": "*i32", "comp_ptr": "*fp32",
-                "decay_ptr": "*fp32", "N": "i32", "sigma": "fp32",
-                "LINEAR": "constexpr", "BLOCK_I": "constexpr", "BLOCK_J": "constexpr",
-            },
-            "constexprs": {"LINEAR": linear, "BLOCK_I": _EPI_BLOCK_I, "BLOCK_J": _EPI_BLOCK_J},
-            "num_warps": _EPI_WARPS,
-            "num_stages": 3,
-        })
+    epilogue = {"inter_ptr": "*i32", "areas_ptr": "*fp32", "labels_ptr": "*i32", "comp_ptr": "*fp32"}
+    specs = [
+        aot_spec(_inter_kernel, c, {"masks_ptr": "*i8", "inter_ptr": "*i32"},
+                 aligned=("masks_ptr", "inter_ptr", "K", "stride_m"), tensor_cores=True)
+        for c in _INTER_CONFIGS
+    ]
+    specs.append(aot_spec(_comp_kernel, _EPILOGUE_CONFIG, epilogue))
+    specs += [
+        aot_spec(_decay_kernel, _EPILOGUE_CONFIG, {**epilogue, "decay_ptr": "*fp32", "sigma": "fp32"}, LINEAR=linear)
+        for linear in (0, 1)
+    ]
     return specs

@@ -13,82 +13,38 @@
 
 #include <cmath>
 
-#if defined(__CUDACC__)
-#define SOLO_HD __host__ __device__ __forceinline__
-#else
-#define SOLO_HD inline
-#endif
+#include "common/host_device.h"
 
 namespace solo_fast {
 namespace center_region {
 
 // ---- explicitly rounded arithmetic -------------------------------------------------
-SOLO_HD double dmul(double a, double b) {
+// Device code: the _rn intrinsics, which nvcc never contracts; host code: the plain
+// operators, which -ffp-contract=off keeps apart.
 #if defined(__CUDA_ARCH__)
-  return __dmul_rn(a, b);
+HOST_DEVICE_INLINE double dmul(double a, double b) { return __dmul_rn(a, b); }
+HOST_DEVICE_INLINE double dadd(double a, double b) { return __dadd_rn(a, b); }
+HOST_DEVICE_INLINE double dsub(double a, double b) { return __dsub_rn(a, b); }
+HOST_DEVICE_INLINE double ddiv(double a, double b) { return __ddiv_rn(a, b); }
+HOST_DEVICE_INLINE double dsqrt(double a) { return __dsqrt_rn(a); }
+HOST_DEVICE_INLINE float fmul(float a, float b) { return __fmul_rn(a, b); }
+HOST_DEVICE_INLINE float fadd(float a, float b) { return __fadd_rn(a, b); }
+HOST_DEVICE_INLINE float fsub(float a, float b) { return __fsub_rn(a, b); }
+HOST_DEVICE_INLINE float fdiv(float a, float b) { return __fdiv_rn(a, b); }
 #else
-  return a * b;
+HOST_DEVICE_INLINE double dmul(double a, double b) { return a * b; }
+HOST_DEVICE_INLINE double dadd(double a, double b) { return a + b; }
+HOST_DEVICE_INLINE double dsub(double a, double b) { return a - b; }
+HOST_DEVICE_INLINE double ddiv(double a, double b) { return a / b; }
+HOST_DEVICE_INLINE double dsqrt(double a) { return std::sqrt(a); }
+HOST_DEVICE_INLINE float fmul(float a, float b) { return a * b; }
+HOST_DEVICE_INLINE float fadd(float a, float b) { return a + b; }
+HOST_DEVICE_INLINE float fsub(float a, float b) { return a - b; }
+HOST_DEVICE_INLINE float fdiv(float a, float b) { return a / b; }
 #endif
-}
-SOLO_HD double dadd(double a, double b) {
-#if defined(__CUDA_ARCH__)
-  return __dadd_rn(a, b);
-#else
-  return a + b;
-#endif
-}
-SOLO_HD double dsub(double a, double b) {
-#if defined(__CUDA_ARCH__)
-  return __dsub_rn(a, b);
-#else
-  return a - b;
-#endif
-}
-SOLO_HD double ddiv(double a, double b) {
-#if defined(__CUDA_ARCH__)
-  return __ddiv_rn(a, b);
-#else
-  return a / b;
-#endif
-}
-SOLO_HD double dsqrt(double a) {
-#if defined(__CUDA_ARCH__)
-  return __dsqrt_rn(a);
-#else
-  return std::sqrt(a);
-#endif
-}
-SOLO_HD float fmul(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-SOLO_HD float fadd(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fadd_rn(a, b);
-#else
-  return a + b;
-#endif
-}
-SOLO_HD float fsub(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fsub_rn(a, b);
-#else
-  return a - b;
-#endif
-}
-SOLO_HD float fdiv(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fdiv_rn(a, b);
-#else
-  return a / b;
-#endif
-}
-SOLO_HD int64_t floor_to_int(double v) { return static_cast<int64_t>(floor(v)); }
-SOLO_HD int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
-SOLO_HD int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+HOST_DEVICE_INLINE int64_t floor_to_int(double v) { return static_cast<int64_t>(floor(v)); }
+HOST_DEVICE_INLINE int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
+HOST_DEVICE_INLINE int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 
 // ---- per instance ------------------------------------------------------------------
 // Exact integer moments of one mask (pixel values are weights, as in the reference's
@@ -100,7 +56,7 @@ struct Moments {
   int64_t rmin, rmax, cmin, cmax;  // bounds of the non-zero pixels (rmin > rmax when empty)
 };
 
-SOLO_HD void moments_init(Moments* m, int64_t H, int64_t W) {
+HOST_DEVICE_INLINE void moments_init(Moments* m, int64_t H, int64_t W) {
   m->area = 0;
   m->sum_r = 0;
   m->sum_c = 0;
@@ -112,7 +68,7 @@ SOLO_HD void moments_init(Moments* m, int64_t H, int64_t W) {
 
 // Default box of reference.masks_to_boxes: (min col, min row, max col + 1, max row + 1),
 // width and height taken in float64 like the reference (float32 box, then .double()).
-SOLO_HD void tight_box_wh(const Moments& m, double* w, double* h) {
+HOST_DEVICE_INLINE void tight_box_wh(const Moments& m, double* w, double* h) {
   if (m.area == 0) {
     *w = 0.0;
     *h = 0.0;
@@ -123,7 +79,7 @@ SOLO_HD void tight_box_wh(const Moments& m, double* w, double* h) {
 }
 
 // The level test: a non-empty mask whose sqrt(w*h) lies in [lo, hi].
-SOLO_HD bool in_scale_range(int64_t area, double w, double h, double lo, double hi) {
+HOST_DEVICE_INLINE bool in_scale_range(int64_t area, double w, double h, double lo, double hi) {
   if (area == 0) return false;
   const double scale = dsqrt(dmul(w, h));
   return lo <= scale && scale <= hi;
@@ -134,13 +90,13 @@ struct Region {
 };
 
 // floor(v / size * S) with Python's evaluation order: (v / size) * S.
-SOLO_HD int64_t grid_coord(double v, int64_t size, int64_t S) {
+HOST_DEVICE_INLINE int64_t grid_coord(double v, int64_t size, int64_t S) {
   return floor_to_int(dmul(ddiv(v, static_cast<double>(size)), static_cast<double>(S)));
 }
 
 // The centre region of one candidate on a grid of S×S cells over an H×W padded image.
 // Centre of mass over pixel indices, no +0.5, from the exact integer moments.
-SOLO_HD Region center_region(const Moments& m, double w, double h, int64_t H, int64_t W, int64_t S,
+HOST_DEVICE_INLINE Region center_region(const Moments& m, double w, double h, int64_t H, int64_t W, int64_t S,
                              double pos_scale) {
   const double cy = ddiv(static_cast<double>(m.sum_r), static_cast<double>(m.area));
   const double cx = ddiv(static_cast<double>(m.sum_c), static_cast<double>(m.area));
@@ -158,14 +114,14 @@ SOLO_HD Region center_region(const Moments& m, double w, double h, int64_t H, in
 }
 
 // ---- per cell ----------------------------------------------------------------------
-SOLO_HD bool region_contains(const Region& r, int64_t i, int64_t j) {
+HOST_DEVICE_INLINE bool region_contains(const Region& r, int64_t i, int64_t j) {
   return r.top <= i && i <= r.down && r.left <= j && j <= r.right;
 }
 
 // Later instances overwrite earlier ones: a cell belongs to the highest candidate index
 // whose region covers it, so the owner of a cell is a max over instance indices, which
 // is order-free and maps onto atomicMax on the GPU. -1 means background.
-SOLO_HD int64_t last_writer(int64_t owner, int64_t instance) { return instance > owner ? instance : owner; }
+HOST_DEVICE_INLINE int64_t last_writer(int64_t owner, int64_t instance) { return instance > owner ? instance : owner; }
 
 // ---- mask downsampling -------------------------------------------------------------
 // One axis of F.interpolate(mode="bilinear", align_corners=False) with an explicit output
@@ -178,11 +134,11 @@ struct Tap {
   float l0, l1;
 };
 
-SOLO_HD float linear_scale(int64_t in_size, int64_t out_size) {
+HOST_DEVICE_INLINE float linear_scale(int64_t in_size, int64_t out_size) {
   return fdiv(static_cast<float>(in_size), static_cast<float>(out_size));
 }
 
-SOLO_HD Tap linear_tap(float scale, int64_t dst, int64_t in_size, int64_t out_size) {
+HOST_DEVICE_INLINE Tap linear_tap(float scale, int64_t dst, int64_t in_size, int64_t out_size) {
   Tap t;
   if (in_size == out_size) {
     t.i0 = dst;
@@ -204,7 +160,7 @@ SOLO_HD Tap linear_tap(float scale, int64_t dst, int64_t in_size, int64_t out_si
 
 // One output pixel of the downsampled mask: PyTorch's separable order (width first,
 // then height), then the >= 0.5 threshold of the reference.
-SOLO_HD uint8_t bilinear_pixel(const uint8_t* row0, const uint8_t* row1, const Tap& ty, const Tap& tx) {
+HOST_DEVICE_INLINE uint8_t bilinear_pixel(const uint8_t* row0, const uint8_t* row1, const Tap& ty, const Tap& tx) {
   const float top = fadd(fmul(static_cast<float>(row0[tx.i0]), tx.l0), fmul(static_cast<float>(row0[tx.i1]), tx.l1));
   const float bot = fadd(fmul(static_cast<float>(row1[tx.i0]), tx.l0), fmul(static_cast<float>(row1[tx.i1]), tx.l1));
   const float v = fadd(fmul(top, ty.l0), fmul(bot, ty.l1));

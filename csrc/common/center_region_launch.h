@@ -13,8 +13,9 @@ namespace center_region {
 constexpr int kMaxLevels = 8;
 constexpr int kMaxStrides = 8;
 
-// Per-instance accumulators, zeroed by one memset: bounds are stored so that 0 means
-// "no pixel yet" and a plain atomicMax updates them (rmin = H - rmin_from_end, ...).
+// Per-instance integer moments and bounds, zeroed by one memset; also the per-thread
+// partial sums that reduce into them. Bounds are stored so that 0 means "no pixel yet"
+// and a plain max (atomicMax) merges them (rmin = H - rmin_from_end, ...).
 struct DeviceStats {
   unsigned long long area, sum_r, sum_c;
   unsigned int rmin_from_end, rmax_plus1, cmin_from_end, cmax_plus1;

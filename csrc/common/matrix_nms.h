@@ -1,6 +1,7 @@
-// Matrix NMS (DESIGN.md §2): the per-pair decay math shared by the C++ CPU kernel and a
-// CUDA kernel. ATen-free so nvcc can compile it against a CPU build of torch. The Triton
-// kernel (kernels/matrix_nms.py) spells the same formulas.
+// Matrix NMS (DESIGN.md §2): the per-pair decay math of the C++ CPU kernel
+// (csrc/cpu/matrix_nms_kernel.cpp). The GPU path is the Triton kernel
+// (kernels/matrix_nms.py), which spells the same formulas; there is no CUDA kernel of
+// this op. ATen-free and HOST_DEVICE_INLINE like the rest of csrc/common/.
 //
 // Parity with solo_fast/ops/reference.py is the contract, so every formula keeps the
 // reference's order of float32 operations: (-sigma) * (x * x), a division of two
@@ -12,24 +13,20 @@
 
 #include <cmath>
 
-#if defined(__CUDACC__)
-#define SOLO_NMS_HD __host__ __device__ __forceinline__
-#else
-#define SOLO_NMS_HD inline
-#endif
+#include "common/host_device.h"
 
 namespace solo_fast {
 namespace matrix_nms {
 
 // IoU of masks i and j from their intersection and areas. Two empty masks have union 0;
 // their IoU is 0 rather than NaN (the reference clamps the union to >= 1).
-SOLO_NMS_HD float iou(float inter, float area_i, float area_j) {
+HOST_DEVICE_INLINE float iou(float inter, float area_i, float area_j) {
   float uni = area_i + area_j - inter;
   return inter / (uni < 1.0f ? 1.0f : uni);
 }
 
 // f(x): gaussian exp(-sigma x^2) or linear 1 - x.
-SOLO_NMS_HD float gaussian(float x, float sigma) {
+HOST_DEVICE_INLINE float gaussian(float x, float sigma) {
 #if defined(__CUDA_ARCH__)
   return expf(-sigma * (x * x));
 #else
@@ -39,7 +36,7 @@ SOLO_NMS_HD float gaussian(float x, float sigma) {
 
 // Denominator of the decay, f(comp[i]), computed once per row. The linear kernel clamps
 // it to >= 1e-6 so a duplicate (comp = iou = 1) gives 0 / 1e-6 = 0, never 0 / 0.
-SOLO_NMS_HD float decay_denominator(float comp, bool linear, float sigma) {
+HOST_DEVICE_INLINE float decay_denominator(float comp, bool linear, float sigma) {
   if (linear) {
     float d = 1.0f - comp;
     return d < 1e-6f ? 1e-6f : d;
@@ -48,7 +45,7 @@ SOLO_NMS_HD float decay_denominator(float comp, bool linear, float sigma) {
 }
 
 // f(iou[i, j]) / f(comp[i]) for i < j.
-SOLO_NMS_HD float decay_ratio(float iou_ij, float denominator_i, bool linear, float sigma) {
+HOST_DEVICE_INLINE float decay_ratio(float iou_ij, float denominator_i, bool linear, float sigma) {
   float num = linear ? 1.0f - iou_ij : gaussian(iou_ij, sigma);
   return num / denominator_i;
 }
@@ -57,7 +54,7 @@ SOLO_NMS_HD float decay_ratio(float iou_ij, float denominator_i, bool linear, fl
 // with iou 0 (i >= j, other label, disjoint) give 1 / f(comp[i]) >= 1 while row 0 gives
 // f(iou[0, j]) <= 1, so the min is min(1, ratios of the pairs i < j with iou > 0): a
 // kernel starts from this value and may skip every zero-IoU pair.
-SOLO_NMS_HD float decay_init() { return 1.0f; }
+HOST_DEVICE_INLINE float decay_init() { return 1.0f; }
 
 }  // namespace matrix_nms
 }  // namespace solo_fast

@@ -7,19 +7,17 @@
 // last non-zero byte is accumulated. The per-cell assignment is a few thousand cells per
 // level and runs serially afterwards.
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <ATen/core/List.h>
 #include <torch/library.h>
 
-#include <atomic>
+#include <algorithm>
 #include <cstring>
-#include <functional>
-#include <memory>
-#include <thread>
 #include <tuple>
 #include <vector>
 
+#include "center_region_inputs.h"
 #include "common/center_region.h"
+#include "cpu/parallel.h"
 
 namespace solo_fast {
 namespace {
@@ -68,31 +66,24 @@ struct StrideTaps {
   }
 };
 
+// Buffers of scan_instance, kept per thread.
 struct Scratch {
   std::vector<uint32_t> colsum;
   std::vector<int64_t> lo, hi;  // per row span, lo > hi when the row is empty
-};
+  std::vector<uint8_t*> out;    // the instance's mask target of each stride
 
-// Instances handed out one at a time. A helper may start after the op has returned, so
-// it reaches the op's state (through `work`) only after claiming an instance, which the
-// op then waits for.
-struct WorkQueue {
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> busy{0};
-  int64_t total = 0;
-  std::function<void(WorkQueue&, int64_t)> work;
-
-  void run() {
-    ++busy;
-    const int64_t g = next++;
-    if (g < total) work(*this, g);
-    --busy;
+  void reset(int64_t H, int64_t W, int64_t D) {
+    colsum.assign(W, 0);
+    lo.resize(H);
+    hi.resize(H);
+    out.resize(D);
   }
 };
 
-// Moments of one mask, and its downsampled targets (out[k] points to [oh_k, ow_k]).
-void scan_instance(const uint8_t* mask, int64_t H, int64_t W, const std::vector<StrideTaps>& strides,
-                   const std::vector<uint8_t*>& out, Scratch& s, cr::Moments* mom) {
+// Moments of one mask, and its downsampled targets (s.out[k] points to [oh_k, ow_k]).
+void scan_instance(const uint8_t* mask, int64_t H, int64_t W, const std::vector<StrideTaps>& strides, Scratch& s,
+                   cr::Moments* mom) {
+  const std::vector<uint8_t*>& out = s.out;
   cr::moments_init(mom, H, W);
   // Zeroed here rather than by at::zeros: a fill is an OpenMP region, and on a loaded
   // machine every fork-join region costs tens of ms (measured on the 2-core box).
@@ -142,60 +133,19 @@ void scan_instance(const uint8_t* mask, int64_t H, int64_t W, const std::vector<
   mom->area = area;
   mom->sum_r = sum_r;
   int64_t sum_c = 0;
-  for (int64_t c = mom->cmin; c <= mom->cmax; ++c) {
-    sum_c += c * static_cast<int64_t>(colsum[c]);
-    colsum[c] = 0;
-  }
+  for (int64_t c = mom->cmin; c <= mom->cmax; ++c) sum_c += c * static_cast<int64_t>(colsum[c]);
   mom->sum_c = sum_c;
 }
 
-std::tuple<std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>>
-center_region_assign_cpu(at::TensorList gt_masks, at::TensorList gt_labels,
-                         const c10::List<std::optional<Tensor>>& gt_boxes, at::IntArrayRef num_grids,
-                         at::ArrayRef<double> scale_lo, at::ArrayRef<double> scale_hi, double pos_scale,
-                         int64_t num_classes, at::IntArrayRef mask_strides) {
-  const int64_t B = static_cast<int64_t>(gt_masks.size());
-  const int64_t L = static_cast<int64_t>(num_grids.size());
-  const int64_t D = static_cast<int64_t>(mask_strides.size());
-  TORCH_CHECK(B >= 1, "center_region_assign: expected at least one image");
-  TORCH_CHECK(static_cast<int64_t>(gt_labels.size()) == B && static_cast<int64_t>(gt_boxes.size()) == B,
-              "center_region_assign: gt_masks, gt_labels and gt_boxes need one entry per image");
-  TORCH_CHECK(static_cast<int64_t>(scale_lo.size()) == L && static_cast<int64_t>(scale_hi.size()) == L,
-              "center_region_assign: one scale range per level expected");
-  TORCH_CHECK(D >= 1, "center_region_assign: expected at least one mask stride");
-  TORCH_CHECK(gt_masks[0].dim() == 3, "center_region_assign: gt_masks must be [M, H, W]");
-  const int64_t H = gt_masks[0].size(1), W = gt_masks[0].size(2);
-  for (int64_t k = 0; k < D; ++k)
-    TORCH_CHECK(mask_strides[k] > 0 && H % mask_strides[k] == 0 && W % mask_strides[k] == 0,
-                "center_region_assign: mask stride ", mask_strides[k], " must divide the padded size");
-
-  std::vector<Tensor> masks(B), labels(B), boxes(B);
-  std::vector<int64_t> first(B + 1, 0);  // instance offsets of the images in the batch
-  for (int64_t b = 0; b < B; ++b) {
-    const Tensor& m = gt_masks[b];
-    TORCH_CHECK(m.device().is_cpu() && m.dim() == 3 && m.size(1) == H && m.size(2) == W,
-                "center_region_assign: gt_masks[", b, "] must be a CPU [M, H, W] tensor of the padded size");
-    TORCH_CHECK(m.scalar_type() == at::kByte || m.scalar_type() == at::kBool,
-                "center_region_assign: gt_masks must be uint8 or bool");
-    masks[b] = m.contiguous();
-    const int64_t M = m.size(0);
-    labels[b] = gt_labels[b].to(at::kLong).contiguous();
-    TORCH_CHECK(labels[b].dim() == 1 && labels[b].size(0) == M, "center_region_assign: gt_labels[", b,
-                "] must have one entry per mask");
-    const std::optional<Tensor> box = gt_boxes.get(b);
-    if (box.has_value()) {
-      boxes[b] = box->to(at::kDouble).contiguous();
-      TORCH_CHECK(boxes[b].dim() == 2 && boxes[b].size(0) == M && boxes[b].size(1) == 4,
-                  "center_region_assign: gt_boxes[", b, "] must be [M, 4]");
-    }
-    first[b + 1] = first[b] + M;
-  }
+cr::Outputs center_region_assign_cpu(const cr::Inputs& in) {
+  const int64_t B = in.B, L = in.L, D = in.D, H = in.H, W = in.W;
+  const std::vector<int64_t>& first = in.first;
   const int64_t total = first[B];
 
   std::vector<StrideTaps> taps(D);
   for (int64_t k = 0; k < D; ++k) {
-    taps[k].oh = H / mask_strides[k];
-    taps[k].ow = W / mask_strides[k];
+    taps[k].oh = H / in.mask_strides[k];
+    taps[k].ow = W / in.mask_strides[k];
     taps[k].rows.build(H, taps[k].oh);
     taps[k].cols.build(W, taps[k].ow);
   }
@@ -205,45 +155,26 @@ center_region_assign_cpu(at::TensorList gt_masks, at::TensorList gt_labels,
       targets[b * D + k] = at::empty({first[b + 1] - first[b], taps[k].oh, taps[k].ow}, at::kByte);
 
   std::vector<cr::Moments> mom(total);
-  auto scan = [&](int64_t g, Scratch& s, std::vector<uint8_t*>& out) {
+  // Small batches of masks stay on the calling thread: waking a helper costs more than a
+  // few 64×96 masks.
+  const int64_t min_pixels = int64_t{1} << 18;
+  cpu::parallel_dynamic(total, total * H * W >= 2 * min_pixels, [&](int64_t g) {
     int64_t b = 0;
     while (g >= first[b + 1]) ++b;
     const int64_t m = g - first[b];
-    const uint8_t* mask = reinterpret_cast<const uint8_t*>(masks[b].data_ptr()) + m * H * W;
-    for (int64_t k = 0; k < D; ++k) out[k] = targets[b * D + k].data_ptr<uint8_t>() + m * taps[k].oh * taps[k].ow;
-    scan_instance(mask, H, W, taps, out, s, &mom[g]);
-  };
-  // Helpers from the inter-op pool share the instances with the calling thread through a
-  // counter, and the caller waits only for helpers that have claimed one. A fork-join
-  // (OpenMP) region such as at::parallel_for waits for every thread to be scheduled: on
-  // the 2-core box under load (load average ~7) a 4M-element sum took 32 ms with two
-  // threads against 6.5 ms with one, and this op with its fork-join regions ~110 ms
-  // against ~8 ms. Here a busy machine degrades to the one-thread time. Small batches of
-  // masks stay on the calling thread: waking a helper costs more than a few 64×96 masks.
-  auto queue = std::make_shared<WorkQueue>();
-  queue->total = total;
-  queue->work = [&scan, H, W, D](WorkQueue& q, int64_t g) {
-    Scratch s;
-    s.colsum.assign(W, 0);
-    s.lo.resize(H);
-    s.hi.resize(H);
-    std::vector<uint8_t*> out(D);
-    do scan(g, s, out);
-    while ((g = q.next++) < q.total);
-  };
-  const int64_t min_pixels = int64_t{1} << 18;
-  const int64_t helpers =
-      total * H * W >= 2 * min_pixels ? std::min<int64_t>(at::get_num_threads() - 1, total - 1) : 0;
-  for (int64_t h = 0; h < helpers; ++h) at::launch([queue] { queue->run(); });
-  queue->run();
-  while (queue->busy.load() != 0) std::this_thread::yield();
+    thread_local Scratch s;
+    s.reset(H, W, D);
+    for (int64_t k = 0; k < D; ++k) s.out[k] = targets[b * D + k].data_ptr<uint8_t>() + m * taps[k].oh * taps[k].ow;
+    const uint8_t* mask = reinterpret_cast<const uint8_t*>(in.masks[b].data_ptr()) + m * H * W;
+    scan_instance(mask, H, W, taps, s, &mom[g]);
+  });
 
   std::vector<Tensor> labels_out(B * L), cells_out(B * L), inst_out(B * L);
   std::vector<int64_t> owner;
   for (int64_t b = 0; b < B; ++b) {
     const int64_t M = first[b + 1] - first[b];
-    const int64_t* lab = labels[b].data_ptr<int64_t>();
-    const double* box = boxes[b].defined() ? boxes[b].data_ptr<double>() : nullptr;
+    const int64_t* lab = in.labels[b].data_ptr<int64_t>();
+    const double* box = in.boxes[b].defined() ? in.boxes[b].data_ptr<double>() : nullptr;
     std::vector<double> bw(M), bh(M);
     for (int64_t m = 0; m < M; ++m) {
       if (box) {
@@ -254,16 +185,16 @@ center_region_assign_cpu(at::TensorList gt_masks, at::TensorList gt_labels,
       }
     }
     for (int64_t l = 0; l < L; ++l) {
-      const int64_t S = num_grids[l];
+      const int64_t S = in.num_grids[l];
       owner.assign(S * S, -1);
       for (int64_t m = 0; m < M; ++m) {
         const cr::Moments& mm = mom[first[b] + m];
-        if (!cr::in_scale_range(mm.area, bw[m], bh[m], scale_lo[l], scale_hi[l])) continue;
-        const cr::Region reg = cr::center_region(mm, bw[m], bh[m], H, W, S, pos_scale);
+        if (!cr::in_scale_range(mm.area, bw[m], bh[m], in.scale_lo[l], in.scale_hi[l])) continue;
+        const cr::Region reg = cr::center_region(mm, bw[m], bh[m], H, W, S, in.pos_scale);
         for (int64_t i = reg.top; i <= reg.down; ++i)
           for (int64_t j = reg.left; j <= reg.right; ++j) owner[i * S + j] = cr::last_writer(owner[i * S + j], m);
       }
-      Tensor lab_t = at::full({S, S}, num_classes, at::kLong);
+      Tensor lab_t = at::full({S, S}, in.num_classes, at::kLong);
       int64_t* lp = lab_t.data_ptr<int64_t>();
       int64_t npos = 0;
       for (int64_t c = 0; c < S * S; ++c) npos += owner[c] >= 0;
@@ -287,6 +218,6 @@ center_region_assign_cpu(at::TensorList gt_masks, at::TensorList gt_labels,
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(solo_fast, CPU, m) { m.impl("center_region_assign", &center_region_assign_cpu); }
+TORCH_LIBRARY_IMPL(solo_fast, CPU, m) { m.impl("center_region_assign", &cr::checked<center_region_assign_cpu>); }
 
 }  // namespace solo_fast

@@ -11,11 +11,9 @@
 //   generic portable C++ (on x86 without POPCNT __builtin_popcountll is a libgcc call).
 // SOLO_FAST_CPU_ISA=avx512|popcnt|generic caps the choice (tests run every path).
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -27,6 +25,7 @@
 #endif
 
 #include "common/matrix_nms.h"
+#include "cpu/parallel.h"
 
 namespace solo_fast {
 namespace {
@@ -195,30 +194,9 @@ __attribute__((target("avx512f,avx512bw,popcnt"))) int64_t count_nonzero_avx512(
 }
 #endif
 
-// Items [0, count) handed out one at a time from a shared counter, on several threads
-// only when `parallel`. at::parallel_for cuts a static share per thread, and a thread the
-// OS has descheduled (the 2-core box runs other jobs) then holds its share until its
-// next time slice: N = 500 took 48-64 ms with 2 threads against 10 ms with 1. Here a
-// running thread takes over the work.
-template <class F>
-void parallel_dynamic(int64_t count, bool parallel, const F& body) {
-  const int64_t threads = std::min<int64_t>(at::get_num_threads(), count);
-  if (!parallel || threads <= 1) {
-    for (int64_t i = 0; i < count; ++i) body(i);
-    return;
-  }
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < count;
-         i = next.fetch_add(1, std::memory_order_relaxed)) {
-      body(i);
-    }
-  });
-}
-
-// Even the fork-join of a region costs a time slice (measured 16 ms for a 0.2 ms torch
-// gather with 2 threads on the loaded 2-core machine), so a region goes parallel only
-// when its one-thread time is well above that: ~2**28 word operations (popcounts of
+// Going parallel can cost a scheduler time slice (a fork-join region measured 16 ms for a
+// 0.2 ms torch gather with 2 threads on the loaded 2-core machine), so a region goes
+// parallel only when its one-thread time is well above that: ~2**28 word operations (popcounts of
 // 64-bit words, bytes packed or counted) take ~30 ms on one core at AVX-512 speed.
 // SOLO_FAST_CPU_PARALLEL_WORK overrides the threshold (tests set 0 to run every region
 // on all threads).
@@ -274,8 +252,8 @@ at::Tensor matrix_nms_decay_popcount_cpu(const at::Tensor& masks, const at::Tens
   at::Tensor packed_t = at::empty({n, std::max<int64_t>(words, 1)}, masks.options().dtype(at::kLong));
   uint64_t* packed = reinterpret_cast<uint64_t*>(packed_t.data_ptr<int64_t>());
   const int64_t par_work = parallel_work();
-  parallel_dynamic(n, n * pixels >= par_work,
-                   [&](int64_t i) { isa.pack(src + i * pixels, pixels, packed + i * words, words); });
+  cpu::parallel_dynamic(n, n * pixels >= par_work,
+                        [&](int64_t i) { isa.pack(src + i * pixels, pixels, packed + i * words, words); });
 
   // iou_t[j * n + i] = iou[i, j] for i < j of the same label, else 0: row j holds column j
   // of the reference's matrix, so both column reductions below read contiguous memory.
@@ -291,7 +269,7 @@ at::Tensor matrix_nms_decay_popcount_cpu(const at::Tensor& masks, const at::Tens
   }
   // Block b has about n - kRows * b columns to its right: handing blocks out in order
   // starts the longest first, so the last ones to finish are short.
-  parallel_dynamic(blocks, pairs * words >= par_work, [&](int64_t blk) {
+  cpu::parallel_dynamic(blocks, pairs * words >= par_work, [&](int64_t blk) {
     const int64_t i0 = blk * kRows;
     const int rows = static_cast<int>(std::min<int64_t>(kRows, n - i0));
     std::vector<int64_t> cols;
@@ -343,7 +321,7 @@ at::Tensor matrix_nms_decay_popcount_cpu(const at::Tensor& masks, const at::Tens
   // Both passes are N^2 / 2 float compares, small next to the popcounts.
   const int64_t row_chunks = (n + 63) / 64;
   std::vector<float> denom(n);
-  parallel_dynamic(row_chunks, n * n / 2 >= par_work, [&](int64_t c) {
+  cpu::parallel_dynamic(row_chunks, n * n / 2 >= par_work, [&](int64_t c) {
     for (int64_t j = c * 64; j < std::min<int64_t>(n, c * 64 + 64); ++j) {
       const float* row = iou_t.data() + j * n;
       float comp = 0.0f;
@@ -352,7 +330,7 @@ at::Tensor matrix_nms_decay_popcount_cpu(const at::Tensor& masks, const at::Tens
     }
   });
   float* dec = out.data_ptr<float>();
-  parallel_dynamic(row_chunks, n * n / 2 >= par_work, [&](int64_t c) {
+  cpu::parallel_dynamic(row_chunks, n * n / 2 >= par_work, [&](int64_t c) {
     for (int64_t j = c * 64; j < std::min<int64_t>(n, c * 64 + 64); ++j) {
       const float* row = iou_t.data() + j * n;
       float d = matrix_nms::decay_init();
@@ -380,7 +358,7 @@ at::Tensor matrix_nms_mask_area_cpu(const at::Tensor& masks) {
   if (std::string(select_isa().name) == "avx512") count = count_nonzero_avx512;
 #endif
   int64_t* dst = out.data_ptr<int64_t>();
-  parallel_dynamic(n, n * pixels >= parallel_work(), [&](int64_t i) { dst[i] = count(src + i * pixels, pixels); });
+  cpu::parallel_dynamic(n, n * pixels >= parallel_work(), [&](int64_t i) { dst[i] = count(src + i * pixels, pixels); });
   return out;
 }
 

@@ -8,9 +8,11 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <tuple>
 #include <vector>
 
+#include "center_region_inputs.h"
 #include "common/center_region_launch.h"
 
 namespace solo_fast {
@@ -31,27 +33,15 @@ Tensor to_device(const std::vector<int64_t>& words, const at::Device& device) {
   return host.to(device, /*non_blocking=*/true);
 }
 
-std::tuple<std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>>
-center_region_assign_cuda(at::TensorList gt_masks, at::TensorList gt_labels,
-                          const c10::List<std::optional<Tensor>>& gt_boxes, at::IntArrayRef num_grids,
-                          at::ArrayRef<double> scale_lo, at::ArrayRef<double> scale_hi, double pos_scale,
-                          int64_t num_classes, at::IntArrayRef mask_strides) {
-  const int64_t B = static_cast<int64_t>(gt_masks.size());
-  const int64_t L = static_cast<int64_t>(num_grids.size());
-  const int64_t D = static_cast<int64_t>(mask_strides.size());
-  TORCH_CHECK(B >= 1, "center_region_assign: expected at least one image");
-  TORCH_CHECK(static_cast<int64_t>(gt_labels.size()) == B && static_cast<int64_t>(gt_boxes.size()) == B,
-              "center_region_assign: gt_masks, gt_labels and gt_boxes need one entry per image");
+cr::Outputs center_region_assign_cuda(const cr::Inputs& in) {
+  const int64_t B = in.B, L = in.L, D = in.D, H = in.H, W = in.W;
+  const std::vector<int64_t>& first = in.first;
   TORCH_CHECK(L >= 1 && L <= cr::kMaxLevels, "center_region_assign: the CUDA kernel takes 1 to ", cr::kMaxLevels,
               " levels, got ", L);
-  TORCH_CHECK(D >= 1 && D <= cr::kMaxStrides, "center_region_assign: the CUDA kernel takes 1 to ", cr::kMaxStrides,
+  TORCH_CHECK(D <= cr::kMaxStrides, "center_region_assign: the CUDA kernel takes 1 to ", cr::kMaxStrides,
               " distinct mask strides, got ", D);
-  TORCH_CHECK(static_cast<int64_t>(scale_lo.size()) == L && static_cast<int64_t>(scale_hi.size()) == L,
-              "center_region_assign: one scale range per level expected");
-  TORCH_CHECK(gt_masks[0].dim() == 3, "center_region_assign: gt_masks must be [M, H, W]");
-  const at::Device device = gt_masks[0].device();
+  const at::Device device = in.masks[0].device();
   const c10::cuda::CUDAGuard guard(device);
-  const int64_t H = gt_masks[0].size(1), W = gt_masks[0].size(2);
 
   cr::AssignParams p{};
   p.B = static_cast<int32_t>(B);
@@ -59,45 +49,21 @@ center_region_assign_cuda(at::TensorList gt_masks, at::TensorList gt_labels,
   p.D = static_cast<int32_t>(D);
   p.H = H;
   p.W = W;
-  p.num_classes = num_classes;
-  p.pos_scale = pos_scale;
+  p.num_classes = in.num_classes;
+  p.pos_scale = in.pos_scale;
   p.cell_offset[0] = 0;
   for (int64_t l = 0; l < L; ++l) {
-    TORCH_CHECK(num_grids[l] > 0, "center_region_assign: grid sizes must be positive");
-    p.grid[l] = static_cast<int32_t>(num_grids[l]);
-    p.scale_lo[l] = scale_lo[l];
-    p.scale_hi[l] = scale_hi[l];
-    p.cell_offset[l + 1] = p.cell_offset[l] + num_grids[l] * num_grids[l];
+    TORCH_CHECK(in.num_grids[l] > 0, "center_region_assign: grid sizes must be positive");
+    p.grid[l] = static_cast<int32_t>(in.num_grids[l]);
+    p.scale_lo[l] = in.scale_lo[l];
+    p.scale_hi[l] = in.scale_hi[l];
+    p.cell_offset[l + 1] = p.cell_offset[l] + in.num_grids[l] * in.num_grids[l];
   }
   p.max_out = 0;
   for (int64_t k = 0; k < D; ++k) {
-    const int64_t s = mask_strides[k];
-    TORCH_CHECK(s > 0 && H % s == 0 && W % s == 0, "center_region_assign: mask stride ", s,
-                " must divide the padded size");
-    p.stride[k] = static_cast<int32_t>(s);
-    p.max_out = std::max(p.max_out, (H / s) * (W / s));
-  }
-
-  std::vector<Tensor> masks(B), labels(B), boxes(B);
-  std::vector<int64_t> first(B + 1, 0);
-  for (int64_t b = 0; b < B; ++b) {
-    const Tensor& m = gt_masks[b];
-    TORCH_CHECK(m.device() == device && m.dim() == 3 && m.size(1) == H && m.size(2) == W,
-                "center_region_assign: gt_masks[", b, "] must be a [M, H, W] tensor of the padded size on ", device);
-    TORCH_CHECK(m.scalar_type() == at::kByte || m.scalar_type() == at::kBool,
-                "center_region_assign: gt_masks must be uint8 or bool");
-    masks[b] = m.contiguous();
-    const int64_t M = m.size(0);
-    labels[b] = gt_labels[b].to(device, at::kLong).contiguous();
-    TORCH_CHECK(labels[b].dim() == 1 && labels[b].size(0) == M, "center_region_assign: gt_labels[", b,
-                "] must have one entry per mask");
-    const std::optional<Tensor> box = gt_boxes.get(b);
-    if (box.has_value()) {
-      boxes[b] = box->to(device, at::kDouble).contiguous();
-      TORCH_CHECK(boxes[b].dim() == 2 && boxes[b].size(0) == M && boxes[b].size(1) == 4,
-                  "center_region_assign: gt_boxes[", b, "] must be [M, 4]");
-    }
-    first[b + 1] = first[b] + M;
+    const int64_t stride = in.mask_strides[k];
+    p.stride[k] = static_cast<int32_t>(stride);
+    p.max_out = std::max(p.max_out, (H / stride) * (W / stride));
   }
   p.total = first[B];
   TORCH_CHECK(p.total <= 65535, "center_region_assign: at most 65535 instances per batch on CUDA, got ", p.total);
@@ -107,15 +73,15 @@ center_region_assign_cuda(at::TensorList gt_masks, at::TensorList gt_labels,
   std::vector<Tensor> targets(B * D), labels_out(B * L);
   for (int64_t b = 0; b < B; ++b) {
     for (int64_t k = 0; k < D; ++k)
-      targets[b * D + k] = at::empty({first[b + 1] - first[b], H / mask_strides[k], W / mask_strides[k]}, u8);
-    for (int64_t l = 0; l < L; ++l) labels_out[b * L + l] = at::empty({num_grids[l], num_grids[l]}, i64);
+      targets[b * D + k] = at::empty({first[b + 1] - first[b], H / in.mask_strides[k], W / in.mask_strides[k]}, u8);
+    for (int64_t l = 0; l < L; ++l) labels_out[b * L + l] = at::empty({in.num_grids[l], in.num_grids[l]}, i64);
   }
 
   std::vector<int64_t> words;
   words.reserve(4 * B + 1 + B * D + B * L);
-  for (int64_t b = 0; b < B; ++b) words.push_back(ptr_word(masks[b]));
-  for (int64_t b = 0; b < B; ++b) words.push_back(ptr_word(labels[b]));
-  for (int64_t b = 0; b < B; ++b) words.push_back(ptr_word(boxes[b]));
+  for (const Tensor& t : in.masks) words.push_back(ptr_word(t));
+  for (const Tensor& t : in.labels) words.push_back(ptr_word(t));
+  for (const Tensor& t : in.boxes) words.push_back(ptr_word(t));
   for (int64_t b = 0; b <= B; ++b) words.push_back(first[b]);
   for (const Tensor& t : targets) words.push_back(ptr_word(t));
   for (const Tensor& t : labels_out) words.push_back(ptr_word(t));
@@ -150,6 +116,6 @@ center_region_assign_cuda(at::TensorList gt_masks, at::TensorList gt_labels,
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(solo_fast, CUDA, m) { m.impl("center_region_assign", &center_region_assign_cuda); }
+TORCH_LIBRARY_IMPL(solo_fast, CUDA, m) { m.impl("center_region_assign", &cr::checked<center_region_assign_cuda>); }
 
 }  // namespace solo_fast

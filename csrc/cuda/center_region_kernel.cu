@@ -38,12 +38,9 @@ __device__ __forceinline__ const uint8_t* instance_mask(const AssignParams& p, i
   return reinterpret_cast<const uint8_t*>(p.table[b]) + m * p.H * p.W;
 }
 
-struct Acc {
-  unsigned long long area, sum_r, sum_c;
-  unsigned int rmin_from_end, rmax_plus1, cmin_from_end, cmax_plus1;
-};
-
-__device__ __forceinline__ void accumulate(Acc& a, unsigned int v, int64_t r, int64_t c, int64_t H, int64_t W) {
+// Pixel (r, c) of value v into a thread's partial DeviceStats.
+__device__ __forceinline__ void accumulate(DeviceStats& a, unsigned int v, int64_t r, int64_t c, int64_t H,
+                                           int64_t W) {
   a.area += v;
   a.sum_r += static_cast<unsigned long long>(r) * v;
   a.sum_c += static_cast<unsigned long long>(c) * v;
@@ -53,7 +50,17 @@ __device__ __forceinline__ void accumulate(Acc& a, unsigned int v, int64_t r, in
   a.cmax_plus1 = max(a.cmax_plus1, static_cast<unsigned int>(c + 1));
 }
 
-__device__ __forceinline__ void warp_reduce(Acc& a) {
+__device__ __forceinline__ void merge(DeviceStats& a, const DeviceStats& b) {
+  a.area += b.area;
+  a.sum_r += b.sum_r;
+  a.sum_c += b.sum_c;
+  a.rmin_from_end = max(a.rmin_from_end, b.rmin_from_end);
+  a.rmax_plus1 = max(a.rmax_plus1, b.rmax_plus1);
+  a.cmin_from_end = max(a.cmin_from_end, b.cmin_from_end);
+  a.cmax_plus1 = max(a.cmax_plus1, b.cmax_plus1);
+}
+
+__device__ __forceinline__ void warp_reduce(DeviceStats& a) {
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) {
     a.area += __shfl_down_sync(0xffffffffu, a.area, off);
@@ -75,7 +82,7 @@ __global__ void __launch_bounds__(kThreads) moments_kernel(AssignParams p) {
   const int64_t H = p.H, W = p.W;
   const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock;
   const int64_t r1 = r0 + kRowsPerBlock < H ? r0 + kRowsPerBlock : H;
-  Acc a = {0, 0, 0, 0, 0, 0, 0};
+  DeviceStats a{};
   // Masks are mostly background: read four bytes at a time and skip zero words.
   const bool words = (W % 4 == 0) && (reinterpret_cast<uintptr_t>(mask) % 4 == 0);
   for (int64_t r = r0; r < r1; ++r) {
@@ -99,21 +106,13 @@ __global__ void __launch_bounds__(kThreads) moments_kernel(AssignParams p) {
     }
   }
   warp_reduce(a);
-  __shared__ Acc warp_acc[kWarps];
+  __shared__ DeviceStats warp_acc[kWarps];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   if (lane == 0) warp_acc[warp] = a;
   __syncthreads();
   if (threadIdx.x != 0) return;
-  Acc t = warp_acc[0];
-  for (int w = 1; w < kWarps; ++w) {
-    t.area += warp_acc[w].area;
-    t.sum_r += warp_acc[w].sum_r;
-    t.sum_c += warp_acc[w].sum_c;
-    t.rmin_from_end = max(t.rmin_from_end, warp_acc[w].rmin_from_end);
-    t.rmax_plus1 = max(t.rmax_plus1, warp_acc[w].rmax_plus1);
-    t.cmin_from_end = max(t.cmin_from_end, warp_acc[w].cmin_from_end);
-    t.cmax_plus1 = max(t.cmax_plus1, warp_acc[w].cmax_plus1);
-  }
+  DeviceStats t = warp_acc[0];
+  for (int w = 1; w < kWarps; ++w) merge(t, warp_acc[w]);
   if (t.area == 0) return;
   DeviceStats* s = p.stats + g;
   atomicAdd(&s->area, t.area);

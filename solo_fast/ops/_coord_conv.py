@@ -172,9 +172,7 @@ def _triton_op():
         coords: str,
     ) -> torch.Tensor:
         """``conv`` [B, O, Ho, Wo] + the coordinate term of ``w_coord`` [O, n, KH, KW] + ``bias`` [O]."""
-        out = torch.empty_like(conv, memory_format=torch.contiguous_format)
-        kern.add_coord_term(conv, w_coord, bias, xs, ys, out, padding=padding, has_x="x" in coords, has_y="y" in coords)
-        return out
+        return kern.launch_coord_term(conv, w_coord, bias, xs, ys, padding, coords)
 
     def setup_context(ctx, inputs, output):
         conv, w_coord, bias, xs, ys, padding, coords = inputs

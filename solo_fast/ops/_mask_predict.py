@@ -128,14 +128,7 @@ def _triton_op():
         operand: int,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """features [E, N], kernels [K, E] -> soft [K, N] out_dtype, binary [K, N] uint8, area [K] int32, msum [K] fp32."""
-        k, n = kernels.shape[0], features.shape[1]
-        dev = features.device
-        soft = torch.empty(k, n, dtype=out_dtype, device=dev)
-        binary = torch.empty(k, n, dtype=torch.uint8, device=dev)
-        area = torch.zeros(k, dtype=torch.int32, device=dev)
-        msum = torch.zeros(k, dtype=torch.float32, device=dev)
-        kern.mask_predict(features, kernels, bias, soft, binary, area, msum, mask_thr=mask_thr, operand=operand)
-        return soft, binary, area, msum
+        return kern.launch_mask_predict(features, kernels, bias, mask_thr, out_dtype, operand)
 
     def fake(features, kernels, bias, mask_thr, out_dtype, operand):
         k, n = kernels.shape[0], features.shape[1]

@@ -71,7 +71,7 @@ _backend.register("matrix_nms", "cpu", cpu_available)(matrix_nms_cpu)
 @functools.lru_cache(maxsize=None)
 def _triton_op():
     """Defines ``solo_fast::matrix_nms_decay`` on first use, so importing solo_fast never imports triton."""
-    from torch.library import triton_op, wrap_triton
+    from torch.library import triton_op
 
     from solo_fast.kernels import matrix_nms as kernels
 
@@ -79,7 +79,7 @@ def _triton_op():
     def matrix_nms_decay(
         masks: torch.Tensor, labels: torch.Tensor, areas: torch.Tensor, kernel: str, sigma: float
     ) -> torch.Tensor:
-        return kernels.launch_decay(masks, labels, areas, kernel, sigma, wrap=wrap_triton)
+        return kernels.launch_decay(masks, labels, areas, kernel, sigma)
 
     def fake(masks, labels, areas, kernel, sigma):
         return masks.new_empty((masks.shape[0],), dtype=torch.float32)

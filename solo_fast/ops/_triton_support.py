@@ -3,14 +3,10 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import os
 
 import torch
 
-
-def interpreting() -> bool:
-    """``TRITON_INTERPRET=1``: Triton kernels run on CPU tensors with numpy (DESIGN.md §5)."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
+from solo_fast.kernels._common import interpreting
 
 
 @functools.lru_cache(maxsize=None)
