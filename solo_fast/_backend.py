@@ -79,6 +79,15 @@ def available_backends(op: str, device_type: str) -> Tuple[str, ...]:
     return tuple(b for b in CONCRETE if b in impls and impls[b][1](device_type))
 
 
+def implementation(op: str, backend: str) -> Callable:
+    """The implementation of ``op`` registered for the concrete ``backend`` (e.g. the one
+    :func:`resolve` picked), without checking that it can run here."""
+    impls = _REGISTRY.get(op, {})
+    if backend not in impls:
+        raise BackendUnavailableError(f"backend {backend!r} is not implemented for {op}")
+    return impls[backend][0]
+
+
 def resolve(op: str, backend: Optional[str], device_type: str) -> Tuple[str, Callable]:
     """Pick the implementation of ``op`` for tensors on ``device_type``."""
     name = current_backend() if backend is None else _check_name(backend, "backend")

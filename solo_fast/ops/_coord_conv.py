@@ -1,6 +1,7 @@
-"""Fast paths of ``coord_conv2d`` (DESIGN.md §2): CoordConv without the concatenation.
+"""``coord_conv2d`` (DESIGN.md §2): the public op, and its fast paths -- CoordConv without
+the concatenation ("reference" is :func:`reference.coord_conv2d`, by concatenation).
 
-Both paths convolve only the C real channels and add the coordinate channels'
+Both fast paths convolve only the C real channels and add the coordinate channels'
 contribution separately. Each coordinate map is separable -- the x map is one vector over
 the width repeated on every row, the y map one vector over the height -- and it stays
 separable after a bilinear resize (``coord_src_size``), because bilinear interpolation is
@@ -24,7 +25,67 @@ import torch
 import torch.nn.functional as F
 
 from ._triton_support import lazy_triton_op, opaque_under_interpreter
-from .. import _backend
+from .. import _backend, _checks
+from . import reference
+from ._dispatch import always, resolve
+
+
+# --------------------------------------------------------------------------------------
+# The public op
+# --------------------------------------------------------------------------------------
+def coord_conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    padding: int = 1,
+    coords: str = "xy",
+    coord_src_size: Optional[Tuple[int, int]] = None,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """CoordConv: ``conv2d(cat([x, xx, yy], 1), weight, bias, padding=padding)``.
+
+    ``x``, ``weight`` and ``bias`` share one floating dtype (fp16, bf16, fp32 or fp64) and
+    the output has it; under autocast they may differ and the output has the autocast
+    dtype, exactly as ``F.conv2d``. NaN/Inf propagate as they do through ``F.conv2d``
+    (nothing is checked: that would cost a device sync per layer).
+    """
+    _checks.tensor("x", x, ndim=4, dtypes=_checks.FLOAT_DTYPES)
+    _checks.tensor("weight", weight, ndim=4, dtypes=_checks.FLOAT_DTYPES)
+    if coords not in ("xy", "x", "y"):
+        raise ValueError(f"coords: expected 'xy', 'x' or 'y', got {coords!r}")
+    need = x.shape[1] + len(coords)
+    if weight.shape[1] != need:
+        raise ValueError(
+            f"weight: expected {need} input channels (x has {x.shape[1]} plus {len(coords)} coordinate "
+            f"channel(s) for coords={coords!r}), got {weight.shape[1]}"
+        )
+    if bias is not None:
+        _checks.tensor("bias", bias, ndim=1, dtypes=_checks.FLOAT_DTYPES)
+        _checks.length("bias", bias, weight.shape[0], "output channel")
+    if not torch.is_autocast_enabled(x.device.type):
+        for name, t in (("weight", weight), ("bias", bias)):
+            if t is not None and t.dtype != x.dtype:
+                raise ValueError(f"{name}: expected the dtype of x ({_checks.dtype_name(x.dtype)}) outside "
+                                 f"autocast, got {_checks.dtype_name(t.dtype)}")
+    if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
+        raise ValueError(f"padding: expected a non-negative int, got {padding!r}")
+    if coord_src_size is not None and (
+        not isinstance(coord_src_size, (tuple, list)) or len(coord_src_size) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in coord_src_size)
+    ):
+        raise ValueError(f"coord_src_size: expected (height, width) of positive ints, got {coord_src_size!r}")
+    for dim, k in ((2, weight.shape[2]), (3, weight.shape[3])):
+        if x.shape[dim] < 1 or x.shape[dim] + 2 * padding < k:
+            raise ValueError(f"x: spatial size {tuple(x.shape[2:])} with padding {padding} is smaller than "
+                             f"the {tuple(weight.shape[2:])} kernel")
+    _checks.same_device(x=x, weight=weight, bias=bias)
+    _, fn = resolve("coord_conv2d", backend, x.device.type)
+    return fn(x, weight, bias, padding=padding, coords=coords,
+              coord_src_size=None if coord_src_size is None else tuple(coord_src_size))
+
+
+_backend.register("coord_conv2d", "reference", always)(reference.coord_conv2d)
 
 
 # --------------------------------------------------------------------------------------

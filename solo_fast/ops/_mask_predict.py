@@ -1,4 +1,5 @@
-"""Fast paths of ``mask_predict`` (DESIGN.md §2).
+"""``mask_predict`` (DESIGN.md §2): the public op, and its fast paths ("reference" is
+:func:`reference.mask_predict`).
 
 "cpu": the reference's own formulation -- one fp32 GEMM, ``+ bias``, sigmoid,
 ``> mask_thr``, the per-mask sums -- run as in-place passes over the output tensors. The
@@ -25,8 +26,9 @@ from typing import Optional, Tuple
 
 import torch
 
-from .. import _backend
+from .. import _backend, _checks
 from . import reference
+from ._dispatch import always, autocast_off, resolve
 from ._triton_support import interpreting, lazy_triton_op, opaque_under_interpreter
 
 # Bound on the CPU path's one temporary (the maskness product), in fp32 elements: 64 MB.
@@ -36,6 +38,51 @@ from ._triton_support import interpreting, lazy_triton_op, opaque_under_interpre
 CHUNK_ELEMS = 1 << 24
 
 
+# --------------------------------------------------------------------------------------
+# The public op
+# --------------------------------------------------------------------------------------
+def mask_predict(
+    features: torch.Tensor,
+    kernels: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    mask_thr: float = 0.5,
+    out_dtype: Optional[torch.dtype] = None,
+    backend: Optional[str] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``soft = sigmoid(kernels @ features + bias)``; returns (soft, binary, area, maskness).
+
+    Inputs of any float dtype (fp16/bf16 included, mixed too); the logits are fp32 (autocast
+    is switched off inside) and ``binary`` (bool), ``area`` (int64) and ``maskness`` (fp32)
+    come from them; ``soft`` is returned in ``out_dtype`` (default fp16 on the GPU, fp32
+    on the CPU). NaN logits give NaN soft values, which are outside the binary mask and
+    count in neither ``area`` nor ``maskness``.
+    """
+    _checks.tensor("features", features, ndim=3, dtypes=_checks.FLOAT_DTYPES)
+    _checks.tensor("kernels", kernels, ndim=2, dtypes=_checks.FLOAT_DTYPES)
+    if kernels.shape[1] != features.shape[0]:
+        raise ValueError(
+            f"kernels: expected {features.shape[0]} columns (the channels of features), got {kernels.shape[1]}"
+        )
+    if bias is not None:
+        _checks.tensor("bias", bias, ndim=1)
+        _checks.length("bias", bias, kernels.shape[0], "kernel")
+    if isinstance(mask_thr, bool) or not isinstance(mask_thr, (int, float)) or not 0 <= mask_thr <= 1:
+        raise ValueError(f"mask_thr: expected a number in [0, 1], got {mask_thr!r}")
+    if out_dtype is not None and out_dtype not in _checks.FLOAT_DTYPES:
+        raise ValueError(f"out_dtype: expected a floating dtype, got {out_dtype!r}")
+    _checks.same_device(features=features, kernels=kernels, bias=bias)
+    _, fn = resolve("mask_predict", backend, features.device.type)
+    with autocast_off(features.device.type):
+        return fn(features, kernels, bias, mask_thr=float(mask_thr), out_dtype=out_dtype)
+
+
+_backend.register("mask_predict", "reference", always)(reference.mask_predict)
+
+
+# --------------------------------------------------------------------------------------
+# "cpu": the reference's formulation, in place
+# --------------------------------------------------------------------------------------
 def _wants_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
@@ -111,12 +158,24 @@ _backend.register("mask_predict", "cpu", lambda device_type: device_type == "cpu
 
 
 # --------------------------------------------------------------------------------------
+# "triton": the fused kernel
+# --------------------------------------------------------------------------------------
+# GEMM operand modes of the kernel: "ieee", "fp16", "bf16" -> its OPERAND constant
+# (kernels/mask_predict.py OPERANDS, which _triton_op checks against this table). Spelled
+# out here because importing solo_fast must not import triton.
+_OPERANDS = {"ieee": 0, "fp16": 1, "bf16": 2}
+
+
 @functools.lru_cache(maxsize=None)
 def _triton_op():
     """Defines ``solo_fast::mask_predict`` on first use, so importing solo_fast never imports triton."""
     from torch.library import triton_op
 
     from solo_fast.kernels import mask_predict as kern
+
+    if kern.OPERANDS != _OPERANDS:
+        raise RuntimeError(f"solo_fast.kernels.mask_predict.OPERANDS is {kern.OPERANDS}, "
+                           f"solo_fast.ops._mask_predict._OPERANDS {_OPERANDS}: they must agree")
 
     @triton_op("solo_fast::mask_predict", mutates_args=())
     def mask_predict_fused(
@@ -135,12 +194,7 @@ def _triton_op():
         return (features.new_empty((k, n), dtype=out_dtype), features.new_empty((k, n), dtype=torch.uint8),
                 features.new_empty((k,), dtype=torch.int32), features.new_empty((k,), dtype=torch.float32))
 
-    _OPERANDS.update(kern.OPERANDS)
     return opaque_under_interpreter(mask_predict_fused, fake)
-
-
-# GEMM operand modes of the kernel ("ieee", "fp16", "bf16" -> its OPERAND constant), filled in by _triton_op.
-_OPERANDS: dict = {}
 
 
 def _pick_operand(features: torch.Tensor, kernels: torch.Tensor) -> str:

@@ -2,7 +2,9 @@
 
 This module is the single oracle that the fast paths (C++, CUDA, Triton) are tested
 against. It favours the obvious formulation over speed. Inputs are assumed to be
-validated by the public wrappers in :mod:`solo_fast.ops`.
+validated by the public wrappers in :mod:`solo_fast.ops`. Matrix NMS is represented by
+its kernel boundary, :func:`matrix_decay`: its sorting and filtering are the same
+PyTorch code on every backend (:func:`solo_fast.ops.matrix_nms`).
 """
 from __future__ import annotations
 
@@ -25,16 +27,21 @@ class Targets(NamedTuple):
 # --------------------------------------------------------------------------------------
 # Matrix NMS
 # --------------------------------------------------------------------------------------
-def matrix_decay(masks: torch.Tensor, labels: torch.Tensor, areas: torch.Tensor, kernel: str, sigma: float) -> torch.Tensor:
+def matrix_decay(
+    masks: torch.Tensor, labels: torch.Tensor, areas: Optional[torch.Tensor], kernel: str, sigma: float
+) -> torch.Tensor:
     """Decay factor of each of N masks already sorted by descending score.
 
-    ``masks`` [N, H, W] bool/uint8, ``labels`` [N], ``areas`` [N]. Returns float32 [N].
-    This is the part a fast kernel replaces; sorting and filtering stay in
-    :func:`matrix_nms`.
+    ``masks`` [N, H, W] bool/uint8, ``labels`` [N], ``areas`` [N] (None: the masks' pixel
+    counts). Returns float32 [N]. This is the part of Matrix NMS each backend implements
+    (the op ``matrix_decay``); the sorting and filtering around it are one function for
+    every backend, :func:`solo_fast.ops.matrix_nms`.
     """
     n = masks.shape[0]
     if n == 0:
         return torch.zeros(0, dtype=torch.float32, device=masks.device)
+    if areas is None:
+        areas = masks.flatten(1).sum(1)
     flat = masks.flatten(1).float()
     # 0/1 products summed in fp32 are exact up to 2**24 pixels per mask.
     inter = flat @ flat.t()
@@ -51,57 +58,6 @@ def matrix_decay(masks: torch.Tensor, labels: torch.Tensor, areas: torch.Tensor,
     else:  # linear; clamp so duplicates (IoU 1) give a decay of 0 instead of 0/0
         ratio = (1.0 - iou) / (1.0 - comp).clamp(min=1e-6)
     return ratio.min(dim=0).values
-
-
-def matrix_nms(
-    masks: torch.Tensor,
-    labels: torch.Tensor,
-    scores: torch.Tensor,
-    *,
-    mask_area: Optional[torch.Tensor] = None,
-    kernel: str = "gaussian",
-    sigma: float = 2.0,
-    filter_thr: float = -1.0,
-    nms_pre: int = -1,
-    max_num: int = -1,
-    decay_fn=None,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Matrix NMS of SOLOv2 (mmdetection's ``mask_matrix_nms`` semantics).
-
-    ``decay_fn`` lets a fast backend supply :func:`matrix_decay`'s replacement while
-    the sorting and filtering below stay shared.
-    """
-    decay_fn = decay_fn or matrix_decay
-    device = scores.device
-    empty = (
-        scores.new_zeros(0),
-        labels.new_zeros(0),
-        masks.new_zeros((0,) + tuple(masks.shape[1:])),
-        torch.zeros(0, dtype=torch.long, device=device),
-    )
-    if masks.shape[0] == 0:
-        return empty
-    if mask_area is None:
-        mask_area = masks.flatten(1).sum(1)
-    # Stable sort: ties keep the lower input index first.
-    order = torch.sort(scores, descending=True, stable=True).indices
-    if nms_pre > 0:
-        order = order[:nms_pre]
-    sorted_scores = scores[order]
-    sorted_labels = labels[order]
-    sorted_masks = masks[order]
-    decay = decay_fn(sorted_masks, sorted_labels, mask_area[order], kernel, sigma)
-    new_scores = sorted_scores * decay.to(sorted_scores.dtype)
-    if filter_thr > 0:
-        keep = new_scores >= filter_thr
-        if not bool(keep.any()):
-            return empty
-        order, new_scores = order[keep], new_scores[keep]
-        sorted_labels, sorted_masks = sorted_labels[keep], sorted_masks[keep]
-    resort = torch.sort(new_scores, descending=True, stable=True).indices
-    if max_num > 0:
-        resort = resort[:max_num]
-    return new_scores[resort], sorted_labels[resort], sorted_masks[resort], order[resort]
 
 
 # --------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Input checks shared by the public ops: bad input gets a ValueError naming the argument."""
+"""Input checks shared by the package (the ops first): bad input gets a ValueError naming
+the argument and what was expected (DESIGN.md §3)."""
 from __future__ import annotations
 
 from typing import Sequence
