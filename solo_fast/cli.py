@@ -8,6 +8,7 @@ import sys
 from typing import List, Optional
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+DEFAULT_TRAIN_CONFIG = "solov2_light_r18_fpn"
 
 
 def _model(args):
@@ -144,6 +145,16 @@ def cmd_train(args) -> int:
     if args.val_ann is not None:
         _need_file(args.val_ann, "--val-ann", "annotation file")
         _need_dir(args.val_images, "--val-images")
+    if args.init is not None and args.backbone_weights is not None:
+        raise ValueError(f"--init, --backbone-weights: expected one of them (--init loads a whole detector, its "
+                         f"backbone included), got --init {args.init!r} and --backbone-weights {args.backbone_weights!r}")
+    if args.init is not None:
+        _need_file(args.init, "--init", "checkpoint")
+    if args.backbone_weights is not None:
+        _need_file(args.backbone_weights, "--backbone-weights", "weights file")
+    if args.epochs is not None and args.max_iters is not None:
+        raise ValueError(f"--epochs, --max-iters: expected one of them (the schedule's length), got --epochs "
+                         f"{args.epochs} and --max-iters {args.max_iters}")
     overrides = {}
     if args.min_size is not None:
         overrides["min_size"] = args.min_size
@@ -159,7 +170,10 @@ def cmd_train(args) -> int:
         overrides["frozen_stages"] = args.frozen_stages
     if args.live_bn:
         overrides["norm_eval"] = False
-    get_config(args.config, **overrides)  # an unknown name fails here, before any data is read
+    # With --init and no --config, the checkpoint says which config it is for.
+    config = args.config if args.config is not None or args.init is not None else DEFAULT_TRAIN_CONFIG
+    if config is not None:
+        get_config(config, **overrides)  # an unknown name fails here, before any data is read
     if args.resume and not os.path.isfile(os.path.join(args.out, STATE_FILE)):
         raise FileNotFoundError(f"--resume: no {STATE_FILE} in {args.out!r} to resume from")
     from solo_fast.data import CocoDataset
@@ -169,14 +183,21 @@ def cmd_train(args) -> int:
     if val is not None and list(val.cat_ids) != list(dataset.cat_ids):
         raise ValueError(f"--val-ann: its categories {list(val.cat_ids)} differ from the training set's "
                          f"{list(dataset.cat_ids)}")
-    model = solo_fast.SOLO(args.config, num_classes=len(dataset.cat_ids), **overrides)
-    model.class_names = list(dataset.class_names)
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    # The published schedules use lr 0.01 for 16 images per step; scale linearly.
-    lr = args.lr if args.lr is not None else 0.01 * args.batch_size * world / 16
+    if args.init is not None:
+        model = solo_fast.SOLO.finetune_from(args.init, len(dataset.cat_ids), config=config,
+                                             class_names=list(dataset.class_names),
+                                             category_ids=list(dataset.cat_ids), **overrides)
+    else:
+        model = solo_fast.SOLO(config, num_classes=len(dataset.cat_ids), backbone_weights=args.backbone_weights,
+                               **overrides)
+    model.class_names, model.category_ids = list(dataset.class_names), list(dataset.cat_ids)
     try:
-        train(model, dataset, out_dir=args.out, epochs=args.epochs, batch_size=args.batch_size, lr=lr,
-              warmup_iters=args.warmup_iters, warmup_ratio=args.warmup_ratio, milestones=args.milestones or (), gamma=args.gamma,
+        # Options left None are the recipe's (solo_fast.engine.train: published with weights,
+        # from scratch without), as in the Python API.
+        train(model, dataset, out_dir=args.out, epochs=args.epochs, max_iters=args.max_iters,
+              save_every=args.save_every, batch_size=args.batch_size, lr=args.lr, warmup_iters=args.warmup_iters,
+              warmup_ratio=args.warmup_ratio,
+              milestones=tuple(args.milestones) if args.milestones is not None else None, gamma=args.gamma,
               momentum=args.momentum, weight_decay=args.weight_decay,
               grad_clip=args.grad_clip if args.grad_clip > 0 else None, num_workers=args.num_workers,
               log_every=args.log_every, resume=True if args.resume else None, val_dataset=val,
@@ -208,6 +229,9 @@ def cmd_eval(args) -> int:
     if model.class_names and names and list(model.class_names) != names:
         print(f"warning: the checkpoint's classes {model.class_names} differ from the dataset's {names}; "
               "labels are matched by position", file=sys.stderr)
+    elif model.category_ids and list(model.category_ids) != list(dataset.cat_ids):
+        print(f"warning: the checkpoint's category ids {model.category_ids} differ from the dataset's "
+              f"{list(dataset.cat_ids)}; labels are matched by position", file=sys.stderr)
     dev, created = dist_utils.setup()
     main_rank = dist_utils.is_main()
     ok = False
@@ -231,24 +255,47 @@ def cmd_eval(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="solo-fast", description="SOLO-family instance segmentation")
     sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train on a COCO-format dataset (also under torchrun --nproc-per-node N)")
-    t.add_argument("--config", default="solov2_light_r18_fpn", help="a named config, e.g. solov2_r50_fpn")
+    t = sub.add_parser("train", help="train on a COCO-format dataset (also under torchrun --nproc-per-node N)",
+                       description="Options left unset come from a recipe: the published one (frozen stem + layer1, "
+                                   "frozen BatchNorm statistics, SGD, lr 0.01 per 16 images) when the model starts "
+                                   "from --backbone-weights or --init, the from-scratch one (nothing frozen, live "
+                                   "BatchNorm, AdamW lr 3e-4) otherwise; train.log's first line says which and why.")
+    t.add_argument("--config", default=None,
+                   help=f"a named config, e.g. solov2_r50_fpn (default {DEFAULT_TRAIN_CONFIG}; with --init: the "
+                        "checkpoint's)")
+    t.add_argument("--backbone-weights", metavar="PATH",
+                   help="ImageNet ResNet weights for the backbone: torchvision's resnet18/34/50/101-*.pth, an "
+                        "mmpretrain/mmdetection checkpoint (backbone.* keys) or .safetensors")
+    t.add_argument("--init", metavar="CHECKPOINT",
+                   help="fine-tune from a detector checkpoint (solo_fast .safetensors, mmdetection or original-SOLO "
+                        ".pth) with this dataset's classes: tensors that fit are loaded, the class conv keeps the "
+                        "rows of classes whose names match and starts the others at the focal prior")
     t.add_argument("--train-ann", required=True, help="COCO instances json of the training set")
     t.add_argument("--train-images", required=True, help="folder of the training images")
     t.add_argument("--val-ann", help="COCO json of a validation set (evaluated with COCOeval)")
     t.add_argument("--val-images", help="folder of the validation images")
     t.add_argument("--out", required=True, help="output folder: model.safetensors, last_state.pt, train.log")
-    t.add_argument("--epochs", type=int, default=12)
+    t.add_argument("--epochs", type=int, default=None, help="length of the schedule in epochs (default 12)")
+    t.add_argument("--max-iters", type=int, default=None,
+                   help="length of the schedule in iterations instead (then --milestones, --save-every and "
+                        "--eval-every count iterations)")
+    t.add_argument("--save-every", type=int, default=None,
+                   help="checkpoint interval in epochs, or iterations with --max-iters (default: every epoch, or "
+                        "every 1000 iterations); always at the end")
     t.add_argument("--batch-size", type=int, default=2, help="images per step and process")
-    t.add_argument("--lr", type=float, default=None, help="default: 0.01 x total batch / 16")
-    t.add_argument("--warmup-iters", type=int, default=500)
-    t.add_argument("--warmup-ratio", type=float, default=1 / 3, help="the warm-up starts at lr x this")
-    t.add_argument("--milestones", type=int, nargs="*", default=[8, 11], metavar="EPOCH", help="epochs where the lr drops")
+    t.add_argument("--lr", type=float, default=None,
+                   help="default: SGD 0.01 x total batch / 16, AdamW 3e-4")
+    t.add_argument("--warmup-iters", type=int, default=None, help="default: 500, at most a fifth of the run")
+    t.add_argument("--warmup-ratio", type=float, default=None,
+                   help="the warm-up starts at lr x this (default: SGD 1/3, AdamW 0.03)")
+    t.add_argument("--milestones", type=int, nargs="*", default=None, metavar="N",
+                   help="epochs (iterations with --max-iters) where the lr drops (default: at 8/12 and 11/12 of "
+                        "the schedule, 8 and 11 of 12 epochs)")
     t.add_argument("--gamma", type=float, default=0.1)
-    t.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd",
-                   help="sgd as published; adamw (with a small --lr such as 1e-4) for training from scratch")
+    t.add_argument("--optimizer", choices=("sgd", "adamw"), default=None,
+                   help="default: sgd with pretrained weights (as published), adamw without")
     t.add_argument("--momentum", type=float, default=0.9)
-    t.add_argument("--weight-decay", type=float, default=1e-4)
+    t.add_argument("--weight-decay", type=float, default=None, help="default: SGD 1e-4, AdamW 0.05")
     t.add_argument("--grad-clip", type=float, default=35.0, help="max gradient norm (0: off)")
     t.add_argument("--min-size", type=int, metavar="SIZE",
                    help="short side at test time (and in training, unless --train-min-size is given)")
@@ -257,13 +304,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-size", type=int, help="long side limit")
     t.add_argument("--num-grids", type=int, nargs=5, metavar="S", help="grid size S of each of the 5 levels")
     t.add_argument("--frozen-stages", type=int, default=None,
-                   help="backbone stages kept frozen (default 1: stem + layer1; -1: none, for training from scratch)")
+                   help="backbone stages kept frozen (default: 1, stem + layer1, with pretrained weights; -1, none, "
+                        "without; freezing random weights is refused)")
     t.add_argument("--live-bn", action="store_true",
-                   help="BatchNorm learns and uses batch statistics (norm_eval off; for training from scratch)")
+                   help="BatchNorm learns and uses batch statistics (norm_eval off; the default without weights)")
     t.add_argument("--flip-prob", type=float, help="training's horizontal flip probability (default 0.5)")
     t.add_argument("--num-workers", type=int, default=2)
     t.add_argument("--log-every", type=int, default=20)
-    t.add_argument("--eval-every", type=int, default=0, help="epochs between evaluations (0: after the last)")
+    t.add_argument("--eval-every", type=int, default=0,
+                   help="epochs (iterations with --max-iters) between evaluations (0: after the last)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--no-amp", action="store_true", help="no autocast on CUDA")
     t.add_argument("--resume", action="store_true", help="continue from OUT/last_state.pt")

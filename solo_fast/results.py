@@ -37,6 +37,12 @@ def _check_image_array(img, size, name: str) -> None:
         raise ValueError(f"{name}: expected the masks' size {size} (height, width), got {tuple(img.shape[:2])}")
 
 
+def _check_category_ids(ids, name: str) -> None:
+    if ids is not None and (isinstance(ids, (str, bytes)) or not hasattr(ids, "__len__")
+                            or not all(_is_int(c) for c in ids)):
+        raise ValueError(f"{name}: expected a sequence of ints (one per label), got {ids!r}")
+
+
 def _check_class_names(names, name: str) -> None:
     if names is not None and (isinstance(names, str) or not all(isinstance(c, str) for c in names)):
         raise ValueError(f"{name}: expected a sequence of str")
@@ -57,6 +63,8 @@ class SOLOResult:
     boxes: torch.Tensor  # float [N, 4] xyxy, from the masks
     image: Optional[np.ndarray] = field(default=None, repr=False)  # HWC uint8 RGB, for draw()
     class_names: Optional[Sequence[str]] = field(default=None, repr=False)
+    # The dataset's category id of each label (the model's, when it was trained on a COCO dataset).
+    category_ids: Optional[Sequence[int]] = field(default=None, repr=False)
 
     def __post_init__(self):
         m = self.masks
@@ -75,6 +83,7 @@ class SOLOResult:
         if self.image is not None:
             _check_image_array(self.image, tuple(m.shape[1:]), "image")
         _check_class_names(self.class_names, "class_names")
+        _check_category_ids(self.category_ids, "category_ids")
 
     def __len__(self) -> int:
         return int(self.scores.numel())
@@ -82,16 +91,17 @@ class SOLOResult:
     def to_coco(self, image_id: int, category_ids: Optional[Sequence[int]] = None) -> List[Dict]:
         """COCO result dicts (RLE segmentation) for pycocotools' ``loadRes``.
 
-        ``category_ids[label]`` maps contiguous labels to the dataset's category ids
-        (default: the label itself).
+        ``category_ids[label]`` maps contiguous labels to the dataset's category ids. Default:
+        the result's own ``category_ids`` (a model trained by solo_fast on a COCO-format
+        dataset carries that dataset's ids), else the label itself.
         """
         from pycocotools import mask as mask_utils
 
         if not _is_int(image_id):
             raise ValueError(f"image_id: expected an int, got {image_id!r}")
-        if category_ids is not None and (isinstance(category_ids, (str, bytes)) or not hasattr(category_ids, "__len__")
-                                         or not all(_is_int(c) for c in category_ids)):
-            raise ValueError(f"category_ids: expected a sequence of ints (one per label), got {category_ids!r}")
+        _check_category_ids(category_ids, "category_ids")
+        if category_ids is None:
+            category_ids = self.category_ids
         if len(self) == 0:
             return []
         masks = np.asfortranarray(self.masks.cpu().numpy().astype(np.uint8).transpose(1, 2, 0))

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import json
 import os
 import pickle
 import re
@@ -72,7 +73,8 @@ SOLO_REPO_RULES: List[Tuple[str, str]] = [
 _SOLO_REPO_RULES = [(re.compile(pattern), repl) for pattern, repl in SOLO_REPO_RULES]
 
 FORMATS = {"mmdet": "mmdetection (keys 'mask_head.*')",
-           "solo": "the original SOLO repository (keys 'bbox_head.*', 'mask_feat_head.*')"}
+           "solo": "the original SOLO repository (keys 'bbox_head.*', 'mask_feat_head.*')",
+           "solo_fast": "solo_fast's own .safetensors (SOLO.save_pretrained; mmdetection's key names)"}
 HEAD_NAMES = {"solo": "SOLO", "decoupled": "Decoupled SOLO", "decoupled_light": "Decoupled SOLO Light",
               "solov2": "SOLOv2"}
 
@@ -114,7 +116,7 @@ def _numpy_safe_globals() -> Optional[tuple]:
 class LoadReport:
     """What :meth:`SOLO.from_mmdet` did with a checkpoint (``model.load_report``)."""
 
-    format: str  # "mmdet" or "solo"
+    format: str  # "mmdet", "solo" or "solo_fast" (see FORMATS)
     missing: List[str] = field(default_factory=list)  # solo_fast keys left at their initial values
     unexpected: List[str] = field(default_factory=list)  # checkpoint keys (their own names) not loaded
     ignored: List[str] = field(default_factory=list)  # checkpoint entries skipped on purpose (no weights)
@@ -139,6 +141,8 @@ class Checkpoint:
     unmapped: List[str]  # checkpoint keys with no solo_fast counterpart
     ignored: List[str]
     class_names: Optional[List[str]] = None
+    category_ids: Optional[List[int]] = None  # solo_fast checkpoints of a COCO-format dataset
+    config: Optional[dict] = None  # solo_fast checkpoints: the model's config
 
     def name(self, key: str) -> str:
         """The checkpoint's own name of a solo_fast key (for messages)."""
@@ -149,17 +153,35 @@ class Checkpoint:
 # ---------------------------------------------------------------------------- reading
 
 
-def read_checkpoint(path) -> Checkpoint:
-    """Loads ``path`` (``.pth``/``.pt`` via ``torch.load(weights_only=True)``, or
-    ``.safetensors``) and renames its keys to solo_fast's."""
+@dataclass
+class RawCheckpoint:
+    """A checkpoint file's tensors under the file's own names, before any renaming."""
+
+    path: str
+    state: Dict[str, torch.Tensor]
+    ignored: List[str]  # entries that are no tensors (an optimizer's step count, a version string, ...)
+    meta: Optional[dict]  # mmcv/mmengine "meta", or a safetensors file's metadata (str -> str)
+
+
+def read_state_dict(path, arg: str = "path") -> RawCheckpoint:
+    """The weights of any checkpoint file: ``.pth``/``.pt`` via ``torch.load(weights_only=True)``
+    (a state dict, or one under ``"state_dict"``; a DDP ``module.`` prefix dropped) or
+    ``.safetensors``. ``arg`` names the argument in error messages."""
     if not isinstance(path, (str, os.PathLike)):
-        raise ValueError(f"path: expected the path of a checkpoint file, got {type(path).__name__}")
+        raise ValueError(f"{arg}: expected the path of a checkpoint file, got {type(path).__name__}")
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"path: no checkpoint at {path!r}")
-    raw, meta = _load_file(path)
-    state, ignored = _state_dict_of(raw, path)
-    fmt = detect_format(state, path)
+        raise FileNotFoundError(f"{arg}: no checkpoint at {path!r}")
+    raw, meta = _load_file(path, arg)
+    state, ignored = _state_dict_of(raw, path, arg)
+    return RawCheckpoint(path, state, ignored, meta)
+
+
+def read_checkpoint(path, arg: str = "path") -> Checkpoint:
+    """Loads ``path`` (see :func:`read_state_dict`) and renames its keys to solo_fast's."""
+    raw = read_state_dict(path, arg)
+    path, state, ignored = raw.path, raw.state, list(raw.ignored)
+    fmt = detect_format(state, path, arg)
     converted, source, unmapped = {}, {}, []
     for key, tensor in state.items():
         if key.startswith(_IGNORED_PREFIXES):
@@ -172,19 +194,24 @@ def read_checkpoint(path) -> Checkpoint:
             converted[new] = tensor
             source[new] = key
     if not any(k.startswith("mask_head.") for k in converted):
-        raise ValueError(f"path: {path!r} is not a SOLO-family checkpoint: none of its 'bbox_head.*' keys is a "
+        raise ValueError(f"{arg}: {path!r} is not a SOLO-family checkpoint: none of its 'bbox_head.*' keys is a "
                          f"layer of the SOLO repository's heads (e.g. {sorted(unmapped)[:3]})")
-    return Checkpoint(path, fmt, converted, source, unmapped, ignored, _class_names(meta))
+    config = _solo_fast_config(raw.meta)
+    return Checkpoint(path, "solo_fast" if config is not None else fmt, converted, source, unmapped, ignored,
+                      _class_names(raw.meta), _category_ids(raw.meta), config)
 
 
-def _load_file(path: str):
+def _load_file(path: str, arg: str = "path"):
     if path.endswith(".safetensors"):
+        from safetensors import safe_open
         from safetensors.torch import load_file
 
         try:
-            return load_file(path, device="cpu"), None
+            with safe_open(path, framework="pt") as f:
+                meta = f.metadata()
+            return load_file(path, device="cpu"), meta
         except Exception as e:  # safetensors raises its own error types
-            raise ValueError(f"path: {path!r} is not a readable safetensors file ({e})") from e
+            raise ValueError(f"{arg}: {path!r} is not a readable safetensors file ({e})") from e
     allow = _numpy_safe_globals()
     try:
         with torch.serialization.safe_globals(list(allow)) if allow else contextlib.nullcontext():
@@ -196,14 +223,14 @@ def _load_file(path: str):
         detail = str(e).split("WeightsUnpickler error:")[-1].split("Check the documentation")[0].strip()
         found = _unsafe_globals(path)
         if not found and not re.search(r"global|can only build", detail, re.IGNORECASE):
-            raise ValueError(f"path: {path!r} is not a PyTorch checkpoint ({detail or e})") from e
+            raise ValueError(f"{arg}: {path!r} is not a PyTorch checkpoint ({detail or e})") from e
         raise ValueError(
-            f"path: {path!r} holds Python objects that torch.load(weights_only=True) refuses to load"
-            f" ({', '.join(found) if found else detail}); from_mmdet loads no code from a checkpoint. "
+            f"{arg}: {path!r} holds Python objects that torch.load(weights_only=True) refuses to load"
+            f" ({', '.join(found) if found else detail}); solo_fast loads no code from a checkpoint. "
             "If you trust the file, keep only its weights: torch.save(torch.load(path, weights_only=False)"
             "['state_dict'], 'weights.pth')") from e
     except Exception as e:  # not a zip or pickle at all: KeyError, EOFError, RuntimeError, ...
-        raise ValueError(f"path: {path!r} is not a PyTorch checkpoint ({type(e).__name__}: {e})") from e
+        raise ValueError(f"{arg}: {path!r} is not a PyTorch checkpoint ({type(e).__name__}: {e})") from e
     meta = obj.get("meta") if isinstance(obj, dict) else None
     return obj, meta
 
@@ -215,13 +242,13 @@ def _unsafe_globals(path: str) -> List[str]:
         return []
 
 
-def _state_dict_of(obj, path: str) -> Tuple[Dict[str, torch.Tensor], List[str]]:
+def _state_dict_of(obj, path: str, arg: str = "path") -> Tuple[Dict[str, torch.Tensor], List[str]]:
     """The weights of a checkpoint: ``obj["state_dict"]`` (mmcv/mmengine), or ``obj`` itself."""
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not any(isinstance(v, torch.Tensor) for v in obj.values()):
         what = f"a dict with keys {sorted(map(str, obj))[:8]}" if isinstance(obj, dict) else type(obj).__name__
-        raise ValueError(f"path: {path!r} is not a checkpoint: expected a state dict of tensors or a dict with "
+        raise ValueError(f"{arg}: {path!r} is not a checkpoint: expected a state dict of tensors or a dict with "
                          f"a 'state_dict' entry, got {what}")
     state = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     ignored = [str(k) for k, v in obj.items() if not isinstance(v, torch.Tensor)]
@@ -231,31 +258,56 @@ def _state_dict_of(obj, path: str) -> Tuple[Dict[str, torch.Tensor], List[str]]:
     return state, ignored
 
 
+def _json_meta(meta, key: str):
+    """A JSON value of a solo_fast safetensors file's metadata (str -> str), or None."""
+    if not isinstance(meta, dict) or not isinstance(meta.get(key), str):
+        return None
+    try:
+        return json.loads(meta[key])
+    except ValueError:
+        return None
+
+
 def _class_names(meta) -> Optional[List[str]]:
-    """Class names from mmcv (``meta["CLASSES"]``) or mmengine (``meta["dataset_meta"]["classes"]``)."""
+    """Class names from mmcv (``meta["CLASSES"]``), mmengine (``meta["dataset_meta"]["classes"]``)
+    or a solo_fast safetensors file (``class_names``, JSON)."""
     if not isinstance(meta, dict):
         return None
     names = meta.get("CLASSES")
     if names is None and isinstance(meta.get("dataset_meta"), dict):
         names = meta["dataset_meta"].get("classes")
+    if names is None:
+        names = _json_meta(meta, "class_names")
     if isinstance(names, (list, tuple)) and names and all(isinstance(n, str) for n in names):
         return list(names)
     return None
 
 
+def _category_ids(meta) -> Optional[List[int]]:
+    ids = _json_meta(meta, "category_ids")
+    if isinstance(ids, list) and ids and all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        return ids
+    return None
+
+
+def _solo_fast_config(meta) -> Optional[dict]:
+    cfg = _json_meta(meta, "solo_fast_config")
+    return cfg if isinstance(cfg, dict) and isinstance(cfg.get("name"), str) else None
+
+
 # ---------------------------------------------------------------------------- naming
 
 
-def detect_format(state: Dict[str, torch.Tensor], path: str = "checkpoint") -> str:
+def detect_format(state: Dict[str, torch.Tensor], path: str = "checkpoint", arg: str = "path") -> str:
     """``"mmdet"`` when the head is ``mask_head.*``, ``"solo"`` when it is ``bbox_head.*``."""
     mmdet = any(k.startswith("mask_head.") for k in state)
     solo = any(k.startswith(("bbox_head.", "mask_feat_head.")) for k in state)
     if mmdet and solo:
-        raise ValueError(f"path: {path!r} has both 'mask_head.*' (mmdetection) and 'bbox_head.*' (SOLO "
+        raise ValueError(f"{arg}: {path!r} has both 'mask_head.*' (mmdetection) and 'bbox_head.*' (SOLO "
                          "repository) keys; expected one layout")
     if not (mmdet or solo):
         heads = sorted({k.split(".")[0] for k in state})
-        raise ValueError(f"path: {path!r} is not a SOLO-family checkpoint: expected the head under 'mask_head.' "
+        raise ValueError(f"{arg}: {path!r} is not a SOLO-family checkpoint: expected the head under 'mask_head.' "
                          f"(mmdetection) or 'bbox_head.' (original SOLO repository), found top-level modules {heads}")
     return "mmdet" if mmdet else "solo"
 

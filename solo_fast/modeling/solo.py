@@ -36,14 +36,49 @@ def _check_finite(out: Dict[str, Any]) -> None:
                          "for non-finite values (under fp16 autocast: an overflow, use bf16 or fp32)")
 
 
+def _check_per_class(values, num_classes: int, arg: str, kind: type) -> Optional[List]:
+    """None, or a list of ``num_classes`` values of ``kind`` (class names, category ids)."""
+    if values is None:
+        return None
+    ok = (not isinstance(values, (str, bytes)) and hasattr(values, "__len__")
+          and all(isinstance(v, kind) and not isinstance(v, bool) for v in values))
+    if not ok or len(values) != num_classes:
+        what = "str" if kind is str else "int"
+        raise ValueError(f"{arg}: expected a sequence of {num_classes} {what}s (one per class), got {values!r:.200}")
+    return list(values)
+
+
+def _saved_settings(saved: Dict[str, Any]):
+    """(name, num_classes, overrides) of a config saved by ``save_pretrained`` (JSON: tuples are lists)."""
+    cfg = dict(saved)
+    name, num_classes = cfg.pop("name"), cfg.pop("num_classes")
+    if isinstance(cfg.get("min_size"), list):  # before train_min_size: training drew from min_size
+        cfg["train_min_size"], cfg["min_size"] = cfg["min_size"], cfg["min_size"][-1]
+    known = configs.get_config(name)
+    overrides = {k: (tuple(map(tuple, v)) if k == "scale_ranges" else tuple(v) if isinstance(v, list) else v)
+                 for k, v in cfg.items() if k in known}
+    return name, num_classes, overrides
+
+
 class SOLO(nn.Module):
     """A model of the SOLO family by config name, e.g. ``SOLO("solov2_r50_fpn", num_classes=80)``.
 
     Keyword ``overrides`` replace settings of the named config (see
     :data:`solo_fast.modeling.configs.BASE`), e.g. ``min_size=512, max_size=852``.
+
+    ``backbone_weights``: an ImageNet ResNet for the backbone (torchvision's published
+    ``resnet*.pth``, an mmpretrain/mmdetection checkpoint with ``backbone.*`` keys, or
+    ``.safetensors``); ``model.load_report`` says what was loaded and what was unused (the
+    classifier ``fc.*``). A missing or mis-shaped backbone tensor raises ValueError naming it.
+
+    ``model.pretrained`` says where the weights started: None (random initialisation),
+    ``"backbone"`` or ``"checkpoint"`` (``from_pretrained``, ``from_mmdet``, ``finetune_from``);
+    training picks its recipe from it (``solo_fast.engine.train``). ``explicit_settings`` are
+    the settings passed as overrides (the recipe never changes those).
     """
 
-    def __init__(self, config: str = "solov2_r50_fpn", num_classes: int = 80, **overrides: Any):
+    def __init__(self, config: str = "solov2_r50_fpn", num_classes: int = 80, backbone_weights=None,
+                 **overrides: Any):
         super().__init__()
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes <= 0:
             raise ValueError(f"num_classes: expected a positive int, got {num_classes!r}")
@@ -51,11 +86,35 @@ class SOLO(nn.Module):
         cfg["num_classes"] = num_classes
         self.cfg = cfg
         self.class_names: Optional[List[str]] = None
+        self.category_ids: Optional[List[int]] = None  # the dataset's id of each label (COCO results)
+        self.explicit_settings = frozenset(overrides)
+        self.pretrained: Optional[str] = None
+        self.weights_path: Optional[str] = None
+        self.load_report = None
         self.backbone = ResNet(cfg["depth"], frozen_stages=cfg["frozen_stages"], norm_eval=cfg["norm_eval"])
         self.neck = FPN(self.backbone.out_channels, cfg["fpn_channels"], num_outs=len(cfg["strides"]))
         self.mask_head = build_head(cfg)
         self.transform = InputTransform(cfg["min_size"], cfg["max_size"], cfg["size_divisor"],
                                         train_min_size=cfg["train_min_size"], flip_prob=cfg["flip_prob"])
+        if backbone_weights is not None:
+            from ..checkpoint.backbone import load_backbone
+
+            self.load_report = load_backbone(self.backbone, backbone_weights)
+            self.pretrained, self.weights_path = "backbone", self.load_report.path
+
+    def set_backbone_training(self, frozen_stages: int, norm_eval: bool) -> None:
+        """Changes ``frozen_stages`` (stages whose parameters get no gradient; -1: none) and
+        ``norm_eval`` (BatchNorm keeps its running statistics in training) after construction,
+        as the training recipe does for settings the caller left open."""
+        configs.check_values(dict(self.cfg, frozen_stages=frozen_stages, norm_eval=norm_eval))
+        bb = self.backbone
+        for m in bb._frozen_modules():  # what the old setting froze learns again, unless frozen anew below
+            for p in m.parameters():
+                p.requires_grad_(True)
+        bb.frozen_stages, bb.norm_eval = frozen_stages, norm_eval
+        bb._freeze()
+        bb.train(bb.training)
+        self.cfg["frozen_stages"], self.cfg["norm_eval"] = frozen_stages, norm_eval
 
     # ------------------------------------------------------------------ properties
     @property
@@ -160,7 +219,8 @@ class SOLO(nn.Module):
                 _check_finite(out)
                 for r, arr in zip(postprocess(self.mask_head, out, metas, settings, self.cfg["strides"]), arrays[start : start + batch_size]):
                     results.append(SOLOResult(r["masks"], r["scores"], r["labels"], masks_to_boxes(r["masks"]),
-                                              image=arr, class_names=self.class_names))
+                                              image=arr, class_names=self.class_names,
+                                              category_ids=self.category_ids))
         finally:
             self.train(was_training)
         return results
@@ -217,6 +277,8 @@ class SOLO(nn.Module):
         meta = {"solo_fast_config": json.dumps({k: v for k, v in self.cfg.items()})}
         if self.class_names is not None:
             meta["class_names"] = json.dumps(list(self.class_names))
+        if self.category_ids is not None:
+            meta["category_ids"] = json.dumps([int(c) for c in self.category_ids])
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         save_file(state, path, metadata=meta)
         return path
@@ -235,17 +297,14 @@ class SOLO(nn.Module):
             meta = f.metadata() or {}
         if "solo_fast_config" not in meta:
             raise ValueError(f"path: {path!r} is not a solo_fast checkpoint (no config in its metadata)")
-        cfg = json.loads(meta["solo_fast_config"])
-        name, num_classes = cfg.pop("name"), cfg.pop("num_classes")
-        if isinstance(cfg.get("min_size"), list):  # before train_min_size: training drew from min_size
-            cfg["train_min_size"], cfg["min_size"] = cfg["min_size"], cfg["min_size"][-1]
-        known = configs.get_config(name)
-        overrides = {k: (tuple(map(tuple, v)) if k == "scale_ranges" else tuple(v) if isinstance(v, list) else v)
-                     for k, v in cfg.items() if k in known}
+        name, num_classes, overrides = _saved_settings(json.loads(meta["solo_fast_config"]))
         model = cls(name, num_classes=num_classes, **overrides)
         model.load_state_dict(load_file(path, device=map_location))
         if "class_names" in meta:
             model.class_names = json.loads(meta["class_names"])
+        if "category_ids" in meta:
+            model.category_ids = json.loads(meta["category_ids"])
+        model.pretrained, model.weights_path = "checkpoint", path
         return model.to(map_location)
 
     @classmethod
@@ -270,4 +329,52 @@ class SOLO(nn.Module):
             warnings.warn(f"from_mmdet: {path!r} loaded into {config!r} with {model.load_report}", stacklevel=2)
         if ckpt.class_names is not None and len(ckpt.class_names) == model.num_classes:
             model.class_names = ckpt.class_names
+        if ckpt.category_ids is not None and len(ckpt.category_ids) == model.num_classes:
+            model.category_ids = ckpt.category_ids
+        model.pretrained, model.weights_path = "checkpoint", ckpt.path
+        return model
+
+    @classmethod
+    def finetune_from(cls, path: str, num_classes: int, *, config: Optional[str] = None,
+                      class_names: Optional[Sequence[str]] = None, category_ids: Optional[Sequence[int]] = None,
+                      **overrides: Any) -> "SOLO":
+        """A model for ``num_classes`` classes that starts from a detector checkpoint for other
+        classes: solo_fast's own ``.safetensors`` or an mmdetection / original-SOLO ``.pth``
+        (read as :meth:`from_mmdet` reads it), e.g. a COCO SOLOv2 to fine-tune on your data.
+
+        Every tensor whose shape fits is loaded. The class conv keeps the rows of classes
+        whose names match (case and ``_``/space ignored) when ``class_names`` is given and the
+        checkpoint knows its class names (mmdetection's ``meta``, solo_fast's metadata), all
+        rows when the classes are the same; the other rows start at the focal prior, as a new
+        model's. ``model.load_report`` (an ``InitReport``) lists what was loaded, kept and
+        re-initialised. ``config`` defaults to the checkpoint's (solo_fast files name it;
+        for the others, the one config whose architecture the tensors show); for a solo_fast
+        file its settings are kept too, except ``frozen_stages``/``norm_eval`` (the training
+        recipe's) and ``overrides``. ``category_ids``: the dataset's id of each label, used by
+        ``SOLOResult.to_coco`` and saved with the model.
+        """
+        from ..checkpoint import init, mmdet
+
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes <= 0:
+            raise ValueError(f"num_classes: expected a positive int, got {num_classes!r}")
+        class_names = _check_per_class(class_names, num_classes, "class_names", str)
+        category_ids = _check_per_class(category_ids, num_classes, "category_ids", int)
+        ckpt = mmdet.read_checkpoint(path)
+        name = config if config is not None else init.config_of(ckpt)
+        if name is None:
+            raise ValueError(f"config: {ckpt.path!r} does not say which config it is for and its tensors fit no "
+                             "single named config; pass config=")
+        saved: Dict[str, Any] = {}
+        if ckpt.config is not None and ckpt.config.get("name") == name:
+            _, _, saved = _saved_settings(ckpt.config)
+            for key in ("frozen_stages", "norm_eval"):
+                saved.pop(key, None)
+        model = cls(name, num_classes=num_classes, **{**saved, **overrides})
+        model.explicit_settings = frozenset(overrides)  # the checkpoint's settings are not the caller's choice
+        report = init.load_for_finetuning(model, ckpt, class_names)
+        model.load_report = report
+        model.class_names, model.category_ids = class_names, category_ids
+        model.pretrained, model.weights_path = "checkpoint", ckpt.path
+        if report.mismatched or report.missing:
+            warnings.warn(f"finetune_from: {report}", stacklevel=2)
         return model
