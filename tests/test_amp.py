@@ -18,13 +18,13 @@ import solo_fast
 from solo_fast import ops
 from solo_fast.ops import reference
 
-from test_overfit import scene, train_on_scene
+from helpers import FAST, available, overfit_scene, train_on_overfit_scene, two_box_scene
 
 HALF = [torch.float16, torch.bfloat16]
 
 
 def _backends(op):
-    return [b for b in ("reference", "cpu", "triton") if b in ops.available_backends(op, "cpu")]
+    return available(op, among=("reference",) + FAST)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -32,9 +32,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 # ------------------------------------------------------------------------------- ops
 @pytest.mark.parametrize("backend", _backends("coord_conv2d"))
-@pytest.mark.parametrize("dtype", HALF)
+# |y| reaches ~20 here: a few units in the last place of fp16 (2**-11) / bf16 (2**-8).
+@pytest.mark.parametrize("dtype, atol, rtol", [(torch.float16, 0.05, 0), (torch.bfloat16, 0.4, 0)],
+                         ids=["fp16", "bf16"])
 @pytest.mark.parametrize("autocast", [False, True])
-def test_coord_conv2d_half(backend, dtype, autocast):
+def test_coord_conv2d_half(backend, dtype, atol, rtol, autocast):
     x, w, b = torch.randn(2, 4, 7, 9), torch.randn(5, 6, 3, 3), torch.randn(5)
     ctx = torch.autocast("cpu", dtype=dtype) if autocast else contextlib.nullcontext()
     args = (x, w, b) if autocast else (x.to(dtype), w.to(dtype), b.to(dtype))
@@ -43,10 +45,8 @@ def test_coord_conv2d_half(backend, dtype, autocast):
         want = ops.coord_conv2d(*args, coord_src_size=(5, 4), backend="reference")
     assert y.dtype == dtype == want.dtype
     exact = ops.coord_conv2d(x.double(), w.double(), b.double(), coord_src_size=(5, 4), backend="reference")
-    # |y| reaches ~20 here: a few units in the last place of fp16 (2**-11) / bf16 (2**-8).
-    tol = 0.05 if dtype == torch.float16 else 0.4
-    torch.testing.assert_close(y.double(), exact, atol=tol, rtol=0)
-    torch.testing.assert_close(y.double(), want.double(), atol=tol, rtol=0)
+    torch.testing.assert_close(y.double(), exact, atol=atol, rtol=rtol)
+    torch.testing.assert_close(y.double(), want.double(), atol=atol, rtol=rtol)
 
 
 @pytest.mark.parametrize("backend", _backends("coord_conv2d"))
@@ -113,11 +113,7 @@ def test_matrix_nms_half_scores_and_autocast(backend, dtype):
 @pytest.mark.parametrize("backend", _backends("center_region_assign"))
 @pytest.mark.parametrize("dtype", HALF)
 def test_center_region_assign_half_boxes(backend, dtype):
-    masks = torch.zeros(2, 32, 32, dtype=torch.uint8)
-    masks[0, 2:10, 3:12] = 1
-    masks[1, 10:30, 5:31] = 1
-    boxes = torch.tensor([[3.0, 2, 12, 10], [5, 10, 31, 30]])
-    kw = dict(pad_shape=(32, 32), num_grids=[4, 3], scale_ranges=[(1, 16), (8, 64)], num_classes=2, mask_stride=4)
+    masks, _, boxes, kw = two_box_scene()
     want = ops.center_region_assign(masks, torch.tensor([0, 1]), boxes, backend="reference", **kw)
     with torch.autocast("cpu", dtype=dtype):
         got = ops.center_region_assign(masks, torch.tensor([0, 1]), boxes.to(dtype), backend=backend, **kw)
@@ -148,9 +144,9 @@ def _match(ref, other):
 
 @pytest.fixture(scope="module")
 def trained():
-    """solov2_light_r18 briefly trained on test_overfit's scene (as test_overfit does)."""
-    img = scene()[0]
-    model, _ = train_on_scene(40)
+    """solov2_light_r18 briefly trained on the overfit scene (as test_overfit does)."""
+    img = overfit_scene()[0]
+    model, _ = train_on_overfit_scene(40)
     return model.eval(), img
 
 
@@ -184,7 +180,7 @@ def test_predict_bf16_autocast_matches_fp32(trained):
 
 
 def test_train_step_under_bf16_autocast():
-    img, masks, labels = scene()
+    img, masks, labels = overfit_scene()
     torch.manual_seed(0)
     model = solo_fast.SOLO("solov2_light_r18_fpn", num_classes=3, min_size=64, max_size=64,
                            num_grids=(12, 10, 8, 6, 4)).train()

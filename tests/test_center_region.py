@@ -12,8 +12,7 @@ import torch.nn.functional as F
 from solo_fast import ops
 from solo_fast._backend import BackendUnavailableError
 
-HAVE_CPU = "cpu" in ops.available_backends("center_region_assign", "cpu")
-needs_cpu = pytest.mark.skipif(not HAVE_CPU, reason="solo_fast._C (the compiled CPU op) is not built")
+from helpers import needs_cpp, random_boxes, random_masks
 
 SOLO = dict(num_grids=[40, 36, 24, 16, 12], mask_stride=[4, 4, 8, 16, 16])
 SOLOV2 = dict(num_grids=[40, 36, 24, 16, 12], mask_stride=4)
@@ -24,54 +23,6 @@ SMALL_RANGES = ((1, 12), (6, 24), (12, 48), (24, 96), (48, 4096))
 # --------------------------------------------------------------------------------------
 # Random scenes
 # --------------------------------------------------------------------------------------
-def random_masks(g, M, H, W):
-    """[M, H, W] uint8: ellipses, boxes, rings (centre of mass in the hole), hollow boxes,
-    speckle, empty and full masks, often cut by the image border."""
-    if M == 0:
-        return torch.zeros(0, H, W, dtype=torch.uint8)
-    yy = torch.arange(H, dtype=torch.float32).view(1, H, 1)
-    xx = torch.arange(W, dtype=torch.float32).view(1, 1, W)
-    u = torch.rand(M, 6, generator=g)
-    cy = ((u[:, 0] * 1.3 - 0.15) * H).view(M, 1, 1)  # centres past the border: cut masks
-    cx = ((u[:, 1] * 1.3 - 0.15) * W).view(M, 1, 1)
-    ry = ((u[:, 2] ** 2 * 0.6 + 0.01) * H).view(M, 1, 1)
-    rx = ((u[:, 3] ** 2 * 0.6 + 0.01) * W).view(M, 1, 1)
-    dy, dx = (yy - cy) / ry, (xx - cx) / rx
-    r2 = dy**2 + dx**2
-    inner = (dy.abs() <= 1) & (dx.abs() <= 1)
-    shapes = torch.stack(
-        [
-            r2 <= 1,  # ellipse
-            inner,  # box
-            (r2 <= 1) & (r2 >= 0.36),  # ring
-            inner & ~((dy.abs() <= 0.6) & (dx.abs() <= 0.6)),  # hollow box
-            inner & (torch.rand(M, H, W, generator=g) < 0.3),  # speckle
-            torch.zeros(M, H, W, dtype=torch.bool),  # empty
-            torch.ones(M, H, W, dtype=torch.bool),  # whole image
-            (r2 <= 1) & (torch.rand(M, H, W, generator=g) < 0.9),  # ragged ellipse
-        ]
-    )
-    weights = torch.tensor([5, 4, 3, 2, 1, 1, 0.3, 1])
-    kind = torch.multinomial(weights, M, replacement=True, generator=g)
-    return shapes[kind, torch.arange(M)].to(torch.uint8)
-
-
-def random_boxes(g, masks):
-    """None (tight boxes from the masks), or jittered float boxes of either float dtype."""
-    choice = int(torch.randint(0, 3, (1,), generator=g))
-    if choice == 0:
-        return None
-    M, H, W = masks.shape
-    x1 = torch.rand(M, generator=g, dtype=torch.float64) * W
-    y1 = torch.rand(M, generator=g, dtype=torch.float64) * H
-    w = torch.rand(M, generator=g, dtype=torch.float64) ** 2 * W
-    h = torch.rand(M, generator=g, dtype=torch.float64) ** 2 * H
-    if M:
-        w[0] = 0.0  # a zero-size box: scale 0
-    boxes = torch.stack([x1, y1, x1 + w, y1 + h], 1)
-    return boxes.float() if choice == 1 else boxes
-
-
 def random_scene(seed, H, W, max_m=9):
     g = torch.Generator().manual_seed(seed)
     M = int(torch.randint(0, max_m + 1, (1,), generator=g))
@@ -115,7 +66,7 @@ CONFIGS = {
 }
 
 
-@needs_cpu
+@needs_cpp
 @pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_random_scenes_match_reference(name):
@@ -159,7 +110,7 @@ def pixels_with_centre(r2):
     return [r2 // 2] if r2 % 2 == 0 else [r2 // 2, r2 // 2 + 1]
 
 
-@needs_cpu
+@needs_cpp
 @pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("pos_scale", [0.2, 0.3])
 def test_rounding_edges_match_reference(pos_scale):
@@ -184,7 +135,7 @@ def test_rounding_edges_match_reference(pos_scale):
         assert_same(g, ops.center_region_assign(m, l, b, backend="reference", **cfg), [4] * 5)
 
 
-@needs_cpu
+@needs_cpp
 @pytest.mark.usefixtures("one_thread")
 def test_batch_matches_reference_and_single():
     cfg = dict(CONFIGS["solo_64x96"], pos_scale=0.2, num_classes=7)
@@ -197,22 +148,29 @@ def test_batch_matches_reference_and_single():
     assert ops.center_region_assign_batch([], [], backend="cpu", **cfg) == []
 
 
-@needs_cpu
-@pytest.mark.parametrize("cfg", [dict(SOLO), dict(SOLOV2)], ids=["solo", "solov2"])
-def test_full_size_scenes(cfg):
-    """Two images at the benchmark size, 800×1344 with 15 instances each."""
+def full_size_scenes(cfg):
+    """Two 800×1344 images (the benchmark size) of 15 instances each, and the assign config:
+    (masks, labels, kw)."""
     H, W = 800, 1344
     kw = dict(cfg, pad_shape=(H, W), pos_scale=0.2, num_classes=80,
               scale_ranges=((1, 96), (48, 192), (96, 384), (192, 768), (384, 2048)))
     g = torch.Generator().manual_seed(7)
     masks = [random_masks(g, 15, H, W) for _ in range(2)]
     labels = [torch.randint(0, 80, (15,), generator=g) for _ in range(2)]
+    return masks, labels, kw
+
+
+@needs_cpp
+@pytest.mark.parametrize("cfg", [dict(SOLO), dict(SOLOV2)], ids=["solo", "solov2"])
+def test_full_size_scenes(cfg):
+    """Two images at the benchmark size, 800×1344 with 15 instances each."""
+    masks, labels, kw = full_size_scenes(cfg)
     got = ops.center_region_assign_batch(masks, labels, backend="cpu", **kw)
     for m, l, t in zip(masks, labels, got):
         assert_same(t, ops.center_region_assign(m, l, backend="reference", **kw), level_strides(kw))
 
 
-@needs_cpu
+@needs_cpp
 def test_non_contiguous_masks_int32_labels_half_boxes():
     g = torch.Generator().manual_seed(4)
     masks = random_masks(g, 6, 96, 64).transpose(1, 2)  # [6, 64, 96], not contiguous
@@ -226,7 +184,7 @@ def test_non_contiguous_masks_int32_labels_half_boxes():
         assert_same(ops.center_region_assign(masks.bool(), labels, b, backend="cpu", **cfg), want, level_strides(cfg))
 
 
-@needs_cpu
+@needs_cpp
 def test_no_instances_and_no_candidates():
     cfg = dict(CONFIGS["solo_64x96"], pos_scale=0.2, num_classes=5)
     for masks in (torch.zeros(0, 64, 96, dtype=torch.uint8), torch.zeros(3, 64, 96, dtype=torch.bool)):
@@ -246,7 +204,7 @@ def test_no_instances_and_no_candidates():
 # Hand-built scenes: the expected cells are counted by hand (see each comment).
 # One level, a 4×4 grid over a 64×64 image: cells are 16×16 pixels.
 # --------------------------------------------------------------------------------------
-BACKENDS = ["reference", pytest.param("cpu", marks=needs_cpu)]
+BACKENDS = ["reference", pytest.param("cpu", marks=needs_cpp)]
 HAND = dict(pad_shape=(64, 64), num_grids=[4], scale_ranges=[(1, 1000)], num_classes=3, mask_stride=4)
 
 
@@ -329,7 +287,7 @@ def test_hand_mask_targets(backend):
     assert out[2].nonzero().tolist() == [[1, 2]]
 
 
-@needs_cpu
+@needs_cpp
 def test_downsampling_matches_interpolate_on_noise():
     """Every stride that divides the size, dense random 0/1 masks: the integer taps of the
     kernel against F.interpolate(bilinear, align_corners=False) >= 0.5 directly."""
@@ -349,7 +307,7 @@ def test_downsampling_matches_interpolate_on_noise():
 # --------------------------------------------------------------------------------------
 # Contract: dispatch, bad input, inputs untouched, the registered op
 # --------------------------------------------------------------------------------------
-@needs_cpu
+@needs_cpp
 def test_auto_picks_the_compiled_op():
     assert ops.available_backends("center_region_assign", "cpu")[:2] == ("reference", "cpu")
     import solo_fast._backend as backend
@@ -409,7 +367,7 @@ def test_inputs_not_modified(backend):
         assert a.dtype == b.dtype and torch.equal(a, b)
 
 
-@needs_cpu
+@needs_cpp
 def test_opcheck():
     masks, labels, _, _ = random_scene(5, 64, 96)
     masks2 = random_masks(torch.Generator().manual_seed(1), 3, 64, 96)
@@ -455,12 +413,7 @@ def test_cuda_matches_reference(name):
 
 @pytest.mark.cuda
 def test_cuda_full_size_batch():
-    H, W = 800, 1344
-    kw = dict(SOLO, pad_shape=(H, W), pos_scale=0.2, num_classes=80,
-              scale_ranges=((1, 96), (48, 192), (96, 384), (192, 768), (384, 2048)))
-    g = torch.Generator().manual_seed(7)
-    masks = [random_masks(g, 15, H, W) for _ in range(2)]
-    labels = [torch.randint(0, 80, (15,), generator=g) for _ in range(2)]
+    masks, labels, kw = full_size_scenes(SOLO)
     got = ops.center_region_assign_batch([m.cuda() for m in masks], [l.cuda() for l in labels], backend="cuda", **kw)
     for m, l, t in zip(masks, labels, got):
         want = ops.center_region_assign(m, l, backend="reference", **kw)

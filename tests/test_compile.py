@@ -17,10 +17,7 @@ import solo_fast
 from solo_fast import ops
 from solo_fast.ops import _coord_conv, _mask_predict, _matrix_nms
 
-HAVE_CPP = "cpu" in ops.available_backends("matrix_nms", "cpu")
-HAVE_TRITON = "triton" in ops.available_backends("matrix_nms", "cpu")
-needs_cpp = pytest.mark.skipif(not HAVE_CPP, reason="solo_fast._C (the compiled CPU ops) is not built")
-needs_triton = pytest.mark.skipif(not HAVE_TRITON, reason="triton cannot run here (no GPU and no TRITON_INTERPRET=1)")
+from helpers import available, needs_cpp, needs_triton, two_box_scene
 
 
 @pytest.fixture(autouse=True)
@@ -51,9 +48,7 @@ def test_opcheck_matrix_nms_cpp(kernel, n):
 
 @needs_cpp
 def test_opcheck_center_region_assign_cpp():
-    masks = torch.zeros(2, 32, 32, dtype=torch.uint8)
-    masks[0, 2:10, 3:12] = 1
-    masks[1, 10:30, 5:31] = 1
+    masks = two_box_scene()[0]
     args = ([masks, masks[:0]], [torch.tensor([0, 1]), torch.zeros(0, dtype=torch.long)], [None, None],
             [4, 3], [1.0, 8.0], [16.0, 64.0], 0.2, 2, [4, 8])
     torch.library.opcheck(torch.ops.solo_fast.center_region_assign.default, args)
@@ -93,7 +88,7 @@ def test_opcheck_coord_conv_triton(coords, grad):
 
 # ----------------------------------------------------------------------- compiled ops
 def _backends(op):
-    return [b for b in ("cpu", "triton") if b in ops.available_backends(op, "cpu")]
+    return available(op, among=("cpu", "triton"))
 
 
 @pytest.mark.parametrize("backend", _backends("coord_conv2d"))

@@ -1,30 +1,36 @@
-"""coord_conv2d: fast paths ("cpu", "triton" under the interpreter) vs conv2d over the concatenation."""
+"""coord_conv2d: fast paths ("cpu", "triton" under the interpreter or on a GPU) vs conv2d over the concatenation.
+
+The parity tests run on every device of ``helpers.DEVICES`` with the fast backends there
+("cpu" and "triton" on CPU tensors here, "triton" on CUDA ones); the inputs are drawn on
+the CPU and moved, so each device sees the same values.
+"""
 import pytest
 import torch
-import torch.nn.functional as F
 
 from solo_fast import ops
-from solo_fast.ops import reference
+
+from helpers import available, concat_conv, device_backends, no_tf32, triton_devices
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-FAST = [b for b in ("cpu", "triton") if b in ops.available_backends("coord_conv2d", "cpu")]
+FAST = available("coord_conv2d", among=("cpu", "triton"))
 SIZES = {"xy": 2, "x": 1, "y": 1}
+DEVICE_BACKENDS = device_backends("coord_conv2d", among=("cpu", "triton"))
 
 
-def concat_conv(x, weight, bias, padding, coords, coord_src_size):
-    """The definition of DESIGN.md §2, written out independently of the op under test."""
-    b, _, h, w = x.shape
-    maps = reference.coord_maps(h, w, coord_src_size=coord_src_size, dtype=x.dtype)
-    sel = {"xy": maps, "x": maps[:, :1], "y": maps[:, 1:]}[coords]
-    return F.conv2d(torch.cat([x, sel.expand(b, -1, -1, -1)], 1), weight, bias, padding=padding)
+@pytest.fixture(autouse=True)
+def _full_fp32():
+    """CUDA convolutions in fp32, not TF32, for the fp32 tolerances below (no-op on the CPU)."""
+    with no_tf32():
+        yield
 
 
-def make(b, c, h, w, o, coords, k=(3, 3), dtype=torch.float32, bias=True, grad=False):
-    x = torch.randn(b, c, h, w, dtype=dtype, requires_grad=grad)
-    weight = torch.randn(o, c + SIZES[coords], *k, dtype=dtype, requires_grad=grad)
-    bb = torch.randn(o, dtype=dtype, requires_grad=grad) if bias else None
+def make(b, c, h, w, o, coords, k=(3, 3), dtype=torch.float32, bias=True, grad=False, device="cpu"):
+    """x, weight and bias (or None), drawn on the CPU and moved to ``device``, leaves."""
+    x = torch.randn(b, c, h, w, dtype=dtype).to(device).requires_grad_(grad)
+    weight = torch.randn(o, c + SIZES[coords], *k, dtype=dtype).to(device).requires_grad_(grad)
+    bb = torch.randn(o, dtype=dtype).to(device).requires_grad_(grad) if bias else None
     return x, weight, bb
 
 
@@ -33,61 +39,62 @@ def test_backends_registered():
     assert "triton" in FAST, "the conftest runs Triton in the interpreter on CPU tensors"
 
 
-@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 @pytest.mark.parametrize("coords", ["xy", "x", "y"])
 @pytest.mark.parametrize("src", [None, (5, 13), (19, 4)])
 @pytest.mark.parametrize("padding", [0, 1])
-def test_forward_parity(backend, coords, src, padding):
-    x, w, b = make(2, 5, 9, 11, 6, coords)
+def test_forward_parity(device, backend, coords, src, padding):
+    x, w, b = make(2, 5, 9, 11, 6, coords, device=device)
     y = ops.coord_conv2d(x, w, b, padding=padding, coords=coords, coord_src_size=src, backend=backend)
     ref = concat_conv(x, w, b, padding, coords, src)
     assert y.shape == ref.shape and y.dtype == ref.dtype
     torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 @pytest.mark.parametrize("k,padding", [((1, 1), 0), ((3, 5), 2), ((5, 5), 1), ((3, 3), 3)])
-def test_kernel_sizes_and_wide_padding(backend, k, padding):
+def test_kernel_sizes_and_wide_padding(device, backend, k, padding):
     # padding > kernel//2 makes whole output rows/columns see only zero-padded coordinates.
-    x, w, b = make(1, 3, 6, 7, 4, "xy", k=k)
+    x, w, b = make(1, 3, 6, 7, 4, "xy", k=k, device=device)
     y = ops.coord_conv2d(x, w, b, padding=padding, backend=backend)
     torch.testing.assert_close(y, concat_conv(x, w, b, padding, "xy", None), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 @pytest.mark.parametrize("hw", [(1, 1), (1, 8), (7, 1), (2, 2)])
-def test_degenerate_maps(backend, hw):
+def test_degenerate_maps(device, backend, hw):
     # linspace(-1, 1, 1) == [-1]: a 1-pixel-wide map has x == -1, not 0.
-    x, w, b = make(3, 2, *hw, 5, "xy")
+    x, w, b = make(3, 2, *hw, 5, "xy", device=device)
     y = ops.coord_conv2d(x, w, b, padding=1, backend=backend)
     torch.testing.assert_close(y, concat_conv(x, w, b, 1, "xy", None), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("backend", FAST)
-def test_no_bias_channels_last_batch(backend):
-    x, w, _ = make(3, 4, 8, 5, 7, "xy", bias=False)
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_no_bias_channels_last_batch(device, backend):
+    x, w, _ = make(3, 4, 8, 5, 7, "xy", bias=False, device=device)
     x = x.to(memory_format=torch.channels_last)
     y = ops.coord_conv2d(x, w, None, padding=1, coord_src_size=(3, 3), backend=backend)
     torch.testing.assert_close(y, concat_conv(x, w, None, 1, "xy", (3, 3)), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("backend", FAST)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision(backend, dtype):
-    x, w, b = make(1, 8, 6, 9, 5, "xy")
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+# Rounded to dtype once at the end (plus the conv's own low-precision accumulation);
+# atol is relative to max |ref|.
+@pytest.mark.parametrize("dtype, atol, rtol", [(torch.bfloat16, 2e-2, 2e-2), (torch.float16, 4e-3, 4e-3)],
+                         ids=["bf16", "fp16"])
+def test_low_precision(device, backend, dtype, atol, rtol):
+    x, w, b = make(1, 8, 6, 9, 5, "xy", device=device)
     y = ops.coord_conv2d(x.to(dtype), w.to(dtype), b.to(dtype), backend=backend)
     assert y.dtype == dtype
     ref = concat_conv(x.to(dtype).float(), w.to(dtype).float(), b.to(dtype).float(), 1, "xy", None)
-    # Rounded to dtype once at the end (plus the conv's own low-precision accumulation).
-    tol = 2e-2 if dtype == torch.bfloat16 else 4e-3
-    torch.testing.assert_close(y.float(), ref, atol=tol * ref.abs().max().item(), rtol=tol)
+    torch.testing.assert_close(y.float(), ref, atol=atol * ref.abs().max().item(), rtol=rtol)
 
 
-@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 @pytest.mark.parametrize("coords,src", [("xy", None), ("x", (4, 9)), ("y", (11, 3)), ("xy", (5, 5))])
 @pytest.mark.parametrize("bias", [True, False])
-def test_gradients_match_reference(backend, coords, src, bias):
-    x, w, b = make(2, 3, 7, 6, 4, coords, dtype=torch.float64, bias=bias, grad=True)
+def test_gradients_match_reference(device, backend, coords, src, bias):
+    x, w, b = make(2, 3, 7, 6, 4, coords, dtype=torch.float64, bias=bias, grad=True, device=device)
     inputs = (x, w) + ((b,) if bias else ())
     y = ops.coord_conv2d(x, w, b, padding=1, coords=coords, coord_src_size=src, backend=backend)
     ref = ops.coord_conv2d(x, w, b, padding=1, coords=coords, coord_src_size=src, backend="reference")
@@ -109,19 +116,18 @@ def test_gradcheck(backend, coords, src):
     assert torch.autograd.gradcheck(fn, (x, w, b))
 
 
-def test_gradcheck_triton():
-    if "triton" not in FAST:
-        pytest.skip("triton unavailable")
-    x, w, b = make(1, 2, 3, 4, 2, "xy", dtype=torch.float64, grad=True)
+@pytest.mark.parametrize("device", triton_devices())
+def test_gradcheck_triton(device):
+    x, w, b = make(1, 2, 3, 4, 2, "xy", dtype=torch.float64, grad=True, device=device)
     fn = lambda x, w, b: ops.coord_conv2d(x, w, b, padding=1, coord_src_size=(2, 5), backend="triton")  # noqa: E731
     # fast_mode: a few random directional derivatives; the full Jacobian would be ~200
     # interpreted launches, and test_gradients_match_reference already compares every entry.
     assert torch.autograd.gradcheck(fn, (x, w, b), fast_mode=True)
 
 
-@pytest.mark.parametrize("backend", FAST + ["reference"])
-def test_inputs_not_modified(backend):
-    x, w, b = make(2, 3, 5, 5, 4, "xy")
+@pytest.mark.parametrize("device,backend", device_backends("coord_conv2d", among=("cpu", "triton", "reference")))
+def test_inputs_not_modified(device, backend):
+    x, w, b = make(2, 3, 5, 5, 4, "xy", device=device)
     copies = [t.clone() for t in (x, w, b)]
     ops.coord_conv2d(x, w, b, backend=backend)
     for t, c in zip((x, w, b), copies):
@@ -157,14 +163,16 @@ def test_bad_input(kwargs, match):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("coords,src", [("xy", None), ("x", None), ("y", (40, 40)), ("xy", (25, 38))])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_cuda_triton(coords, src, dtype):
-    x, w, b = make(2, 16, 25, 38, 32, coords, dtype=dtype, grad=True)
-    x, w, b = (t.detach().cuda().requires_grad_() for t in (x, w, b))
+# atol is relative to max |ref| (of the output, and of each gradient).
+@pytest.mark.parametrize("dtype, atol, rtol", [(torch.float32, 1e-4, 1e-4), (torch.float16, 1e-2, 1e-2)],
+                         ids=["fp32", "fp16"])
+def test_cuda_triton(coords, src, dtype, atol, rtol):
+    """Model-sized channels in fp32 and fp16, forward and backward (the parity tests above
+    run on CUDA too, with gradients in fp64)."""
+    x, w, b = make(2, 16, 25, 38, 32, coords, dtype=dtype, grad=True, device="cuda")
     y = ops.coord_conv2d(x, w, b, coords=coords, coord_src_size=src, backend="triton")
     ref = ops.coord_conv2d(x, w, b, coords=coords, coord_src_size=src, backend="reference")
-    tol = 1e-4 if dtype == torch.float32 else 1e-2
-    torch.testing.assert_close(y, ref, atol=tol * ref.abs().max().item(), rtol=tol)
+    torch.testing.assert_close(y, ref, atol=atol * ref.abs().max().item(), rtol=rtol)
     g = torch.randn_like(ref)
     for a, e in zip(torch.autograd.grad(y, (x, w, b), g), torch.autograd.grad(ref, (x, w, b), g)):
-        torch.testing.assert_close(a, e, atol=tol * e.abs().max().item(), rtol=tol)
+        torch.testing.assert_close(a, e, atol=atol * e.abs().max().item(), rtol=rtol)

@@ -19,6 +19,8 @@ import torch
 import solo_fast
 from solo_fast import ops
 
+from helpers import two_box_scene
+
 SMALL = dict(min_size=64, max_size=64, num_grids=(6, 5, 4, 3, 2))
 BACKENDS = {op: ops.available_backends(op, "cpu") for op in ("matrix_nms", "center_region_assign",
                                                             "coord_conv2d", "mask_predict")}
@@ -40,14 +42,6 @@ def _nms_args():
     return masks, torch.tensor([0, 1, 0, 0, 1]), torch.tensor([0.9, 0.5, 0.5, 0.2, 0.7])
 
 
-def _assign_args():
-    masks = torch.zeros(2, 32, 32, dtype=torch.uint8)
-    masks[0, 2:10, 3:12] = 1
-    masks[1, 10:30, 5:31] = 1
-    cfg = dict(pad_shape=(32, 32), num_grids=[4, 3], scale_ranges=[(1, 16), (8, 64)], num_classes=2, mask_stride=4)
-    return masks, torch.tensor([0, 1]), torch.tensor([[3.0, 2, 12, 10], [5, 10, 31, 30]]), cfg
-
-
 def _conv_args():
     g = torch.Generator().manual_seed(0)
     return torch.randn(2, 3, 6, 7, generator=g), torch.randn(4, 5, 3, 3, generator=g), torch.randn(4, generator=g)
@@ -60,7 +54,7 @@ def _mp_args():
 
 # ------------------------------------------------------------------------ bad input
 M, L, S = _nms_args()
-AM, AL, AB, ACFG = _assign_args()
+AM, AL, AB, ACFG = two_box_scene()
 X, W, B = _conv_args()
 F_, K_, KB = _mp_args()
 
@@ -241,7 +235,7 @@ def _op_calls(backend):
         out.append(("matrix_nms", (m.to(torch.uint8), lab, s.double()),
                     lambda m, lab, s: ops.matrix_nms(m, lab, s, kernel="linear", backend=backend)))
     if backend in BACKENDS["center_region_assign"]:
-        am, al, ab, cfg = _assign_args()
+        am, al, ab, cfg = two_box_scene()
         out.append(("center_region_assign", (am, al, ab),
                     lambda m, lab, b: ops.center_region_assign(m, lab, b, backend=backend, **cfg)))
         out.append(("center_region_assign", (am.bool(), al.int()),

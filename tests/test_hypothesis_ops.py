@@ -9,7 +9,6 @@ examples every run: no flaky CI) and small (the Triton backends run in the inter
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
@@ -18,9 +17,13 @@ from hypothesis import strategies as st  # noqa: E402
 from solo_fast import ops  # noqa: E402
 from solo_fast.ops import reference  # noqa: E402
 
-from test_center_region import random_boxes, random_masks  # noqa: E402
-from test_mask_predict import check_against_reference  # noqa: E402
-from test_matrix_nms import assert_matches_reference  # noqa: E402
+from helpers import available, concat_conv, random_boxes, random_masks  # noqa: E402
+
+# The @given bodies below call these two by their former names on purpose: Hypothesis
+# derives a derandomized test's examples from the source of its body, so renaming a call
+# there would change the examples it runs.
+from helpers import assert_nms_matches_reference as assert_matches_reference  # noqa: E402
+from helpers import check_mask_predict as check_against_reference  # noqa: E402
 
 SETTINGS = settings(
     max_examples=40, deadline=None, derandomize=True, database=None,
@@ -29,7 +32,7 @@ SETTINGS = settings(
 
 
 def fast(op):
-    return [b for b in ("cpu", "triton") if b in ops.available_backends(op, "cpu")]
+    return available(op, among=("cpu", "triton"))
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -160,13 +163,6 @@ def test_center_region_assign_batch_matches_per_image(backend, cases):
 
 
 # -------------------------------------------------------------------------- coord_conv2d
-def concat_conv(x, weight, bias, padding, coords, coord_src_size):
-    b, _, h, w = x.shape
-    maps = reference.coord_maps(h, w, coord_src_size=coord_src_size, dtype=x.dtype)
-    sel = {"xy": maps, "x": maps[:, :1], "y": maps[:, 1:]}[coords]
-    return F.conv2d(torch.cat([x, sel.expand(b, -1, -1, -1)], 1), weight, bias, padding=padding)
-
-
 @pytest.mark.parametrize("backend", fast("coord_conv2d"))
 @SETTINGS
 @given(
@@ -212,6 +208,8 @@ def test_mask_predict_matches_reference(backend, shape, bias, mask_thr, dup, see
     if dup and k >= 2:
         kern[k - 1] = kern[0]  # duplicate kernels give identical masks
     b = torch.randn(k, generator=g) if bias else None
+    if dup and k >= 2 and b is not None:
+        b[k - 1] = b[0]  # a duplicate is the whole row: kernel and bias
     got = ops.mask_predict(f, kern, b, mask_thr=mask_thr, backend=backend)
     if backend == "cpu":  # documented bit-exact
         want = reference.mask_predict(f, kern, b, mask_thr=mask_thr)

@@ -1,4 +1,4 @@
-"""mask_predict: the "cpu" path (bit-exact) and the fused Triton kernel (interpreter) vs the reference.
+"""mask_predict: the "cpu" path (bit-exact) and the fused Triton kernel (interpreter or GPU) vs the reference.
 
 Tolerances of the Triton path (DESIGN.md §2: binary/area/maskness come from the fp32
 logits). Its logits differ from the reference's by the summation order over E ("ieee"
@@ -10,6 +10,14 @@ threshold's logit, area to differ by at most the number of such ambiguous pixels
 maskness to match (within the soft error) on masks without ambiguous pixels. With inputs
 exactly representable in the operand dtype whose products sum exactly in fp32, every
 mode must give binary and area exactly, maskness and soft up to the sigmoid's last bits.
+
+The tests of the Triton path and of the shared contract run on every device of
+``helpers.DEVICES`` (the interpreter on CPU tensors here, the kernel on CUDA ones); the
+inputs are drawn on the CPU and moved, and results are checked on the CPU. Where the
+Triton path picks for itself (fp32/fp64 inputs, no out_dtype), a GPU differs from the
+interpreter: fp16 GEMM operands instead of "ieee", fp16 soft masks instead of fp32
+(AUTO_OPERAND, DEFAULT_SOFT); the bounds above then add that operand rounding and the
+soft masks' one rounding (SOFT_ROUNDING), both zero on the CPU.
 """
 import math
 
@@ -19,12 +27,16 @@ import torch
 from solo_fast import ops
 from solo_fast.ops import reference
 
+from helpers import check_mask_predict, device_backends, on, to_cpu, triton_devices
+
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-HAS_TRITON = "triton" in ops.available_backends("mask_predict", "cpu")
-needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton unavailable")
 OPERAND_EPS = {"ieee": 0.0, "fp16": 2.0**-11, "bf16": 2.0**-8}
+# What the Triton path picks for fp32/fp64 inputs, and its default soft-mask dtype, per device.
+AUTO_OPERAND = {"cpu": "ieee", "cuda": "fp16"}
+DEFAULT_SOFT = {"cpu": torch.float32, "cuda": torch.float16}
+SOFT_ROUNDING = {torch.float32: 0.0, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
 
 SHAPES = [  # K, E, H, W
     (0, 5, 3, 4),
@@ -46,6 +58,11 @@ def make(k, e, h, w, dtype=torch.float32, bias=True):
 def dyadic(*shape, scale=8, top=16):
     """Multiples of 1/scale in [-top/scale, top/scale]: exact in fp16 and bf16; products and sums exact in fp32."""
     return torch.randint(-top, top + 1, shape).float() / scale
+
+
+def logit_bound(f, k, eps):
+    """The largest logit error of operands rounded by ``eps`` (relative): eps * 2 * max(|k| @ |f|)."""
+    return float((eps * 2 * (k.abs() @ f.abs().reshape(f.shape[0], -1))).max()) if k.numel() else 0.0
 
 
 # --------------------------------------------------------------------------------------
@@ -95,9 +112,9 @@ def test_cpu_model_sized():
         assert torch.equal(g, w)
 
 
-@pytest.mark.parametrize("backend", ["cpu"] + (["triton"] if HAS_TRITON else []))
-def test_grad_falls_back_to_reference_graph(backend):
-    f, k, b = make(6, 8, 5, 7)
+@pytest.mark.parametrize("device,backend", device_backends("mask_predict", among=("cpu", "triton")))
+def test_grad_falls_back_to_reference_graph(device, backend):
+    f, k, b = on(device, *make(6, 8, 5, 7))
     k.requires_grad_(True)
     soft = ops.mask_predict(f, k, b, backend=backend)[0]
     soft_ref = reference.mask_predict(f, k, b)[0]
@@ -108,85 +125,64 @@ def test_grad_falls_back_to_reference_graph(backend):
 # --------------------------------------------------------------------------------------
 # "triton" (interpreter on this machine)
 # --------------------------------------------------------------------------------------
-def check_against_reference(got, f, k, b, mask_thr, eps, soft_atol):
-    soft, binary, area, maskness = got
-    ref_soft, ref_binary, ref_area, ref_maskness = reference.mask_predict(f, k, b, mask_thr=mask_thr)
-    assert binary.dtype == torch.bool and area.dtype == torch.int64 and maskness.dtype == torch.float32
-    assert soft.shape == ref_soft.shape == binary.shape
-    if k.shape[0] == 0:
-        assert area.shape == (0,) and maskness.shape == (0,)
-        return
-    e, h, w = f.shape
-    f64 = f.double().reshape(e, -1)
-    k64 = k.double()
-    logit = (k64 @ f64).reshape(-1, h, w)
-    bound = (eps * 2 * (k64.abs() @ f64.abs()) + 1e-5).reshape(-1, h, w)
-    if b is not None:
-        logit = logit + b.double()[:, None, None]
-    thr_logit = math.log(mask_thr / (1 - mask_thr)) if 0 < mask_thr < 1 else math.copysign(math.inf, mask_thr - 0.5)
-    ambiguous = (logit - thr_logit).abs() <= bound
-    assert torch.equal(binary[~ambiguous], ref_binary[~ambiguous])
-    n_amb = ambiguous.sum((1, 2))
-    assert bool(((area - ref_area).abs() <= n_amb).all())
-    clean = n_amb == 0
-    torch.testing.assert_close(maskness[clean], ref_maskness[clean], atol=soft_atol, rtol=1e-5)
-    torch.testing.assert_close(soft.float(), ref_soft, atol=soft_atol, rtol=0)
-
-
-@needs_triton
+@pytest.mark.parametrize("device", triton_devices())
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("precision", ["ieee", "fp16", "bf16"])
-def test_triton_random(shape, precision):
+def test_triton_random(device, shape, precision):
     from solo_fast.ops._mask_predict import mask_predict_triton
 
     f, k, b = make(*shape)
-    got = mask_predict_triton(f, k, b, precision=precision)
-    assert got[0].dtype == torch.float32  # default out dtype on CPU tensors
+    got = to_cpu(mask_predict_triton(*on(device, f, k, b), precision=precision))
+    assert got[0].dtype == DEFAULT_SOFT[device]  # default out dtype: fp32 on CPU tensors
     # sigmoid' <= 1/4: the soft error is at most a quarter of the logit error.
     eps = OPERAND_EPS[precision]
-    bound = float((eps * 2 * (k.abs() @ f.abs().reshape(f.shape[0], -1))).max()) if k.numel() else 0.0
-    check_against_reference(got, f, k, b, 0.5, eps, soft_atol=bound / 4 + 1e-6)
+    bound = logit_bound(f, k, eps)
+    check_mask_predict(got, f, k, b, 0.5, eps, soft_atol=bound / 4 + 1e-6 + SOFT_ROUNDING[got[0].dtype])
 
 
-@needs_triton
+@pytest.mark.parametrize("device", triton_devices())
 @pytest.mark.parametrize("mask_thr", [0.0, 0.3, 0.5, 0.9, 1.0])
-def test_triton_thresholds_and_padding_lanes(mask_thr):
+def test_triton_thresholds_and_padding_lanes(device, mask_thr):
     # 37 masks x 9*13 pixels leave partial tiles; their padding lanes (logit 0, soft 0.5)
     # must not count for mask_thr < 0.5.
     f, k, b = make(37, 19, 9, 13)
-    got = ops.mask_predict(f, k, b, mask_thr=mask_thr, backend="triton")
-    check_against_reference(got, f, k, b, mask_thr, 0.0, soft_atol=1e-6)
+    got = to_cpu(ops.mask_predict(*on(device, f, k, b), mask_thr=mask_thr, backend="triton"))
+    eps = OPERAND_EPS[AUTO_OPERAND[device]]  # 0.0 on the CPU
+    soft_atol = logit_bound(f, k, eps) / 4 + 1e-6 + SOFT_ROUNDING[got[0].dtype]  # 1e-6 on the CPU
+    check_mask_predict(got, f, k, b, mask_thr, eps, soft_atol=soft_atol)
 
 
-@needs_triton
+@pytest.mark.parametrize("device", triton_devices())
 @pytest.mark.parametrize("precision", ["ieee", "fp16", "bf16"])
 @pytest.mark.parametrize("bias", [True, False])
-def test_triton_exact_on_representable_inputs(precision, bias):
+def test_triton_exact_on_representable_inputs(device, precision, bias):
     from solo_fast.ops._mask_predict import mask_predict_triton
 
     e, h, w, k = 48, 11, 15, 41
     f = dyadic(e, h, w)
     kern = dyadic(k, e, scale=16)
     b = dyadic(k) if bias else None
-    soft, binary, area, maskness = mask_predict_triton(f, kern, b, precision=precision)
+    soft, binary, area, maskness = to_cpu(mask_predict_triton(*on(device, f, kern, b), precision=precision))
     ref_soft, ref_binary, ref_area, ref_maskness = reference.mask_predict(f, kern, b)
     assert torch.equal(binary, ref_binary)
     assert torch.equal(area, ref_area)
     # Same logits; only the sigmoid's implementation (numpy here, torch there) and the
     # order of the maskness sums (per-tile partials + atomics) differ.
-    torch.testing.assert_close(soft, ref_soft, atol=3e-7, rtol=0)
+    assert soft.dtype == DEFAULT_SOFT[device]
+    torch.testing.assert_close(soft.float(), ref_soft, atol=3e-7 + SOFT_ROUNDING[soft.dtype], rtol=0)
     torch.testing.assert_close(maskness, ref_maskness, atol=1e-6, rtol=1e-6)
 
 
-@needs_triton
+@pytest.mark.parametrize("device", triton_devices())
 @pytest.mark.parametrize("in_dtype", [torch.float16, torch.bfloat16])
-def test_triton_low_precision_inputs_auto_mode(in_dtype):
+def test_triton_low_precision_inputs_auto_mode(device, in_dtype):
     # fp16/bf16 inputs pick same-dtype operands; exactly representable values make the
     # result independent of that choice.
     f = dyadic(32, 9, 10).to(in_dtype)
     k = dyadic(19, 32, scale=16).to(in_dtype)
     b = dyadic(19).to(in_dtype)
-    soft, binary, area, maskness = ops.mask_predict(f, k, b, out_dtype=torch.float16, backend="triton")
+    soft, binary, area, maskness = to_cpu(ops.mask_predict(*on(device, f, k, b), out_dtype=torch.float16,
+                                                           backend="triton"))
     ref = reference.mask_predict(f, k, b, out_dtype=torch.float16)
     assert soft.dtype == torch.float16
     assert torch.equal(binary, ref[1]) and torch.equal(area, ref[2])
@@ -194,30 +190,37 @@ def test_triton_low_precision_inputs_auto_mode(in_dtype):
     torch.testing.assert_close(maskness, ref[3], atol=1e-6, rtol=1e-6)
 
 
-@needs_triton
-def test_triton_out_dtypes():
+@pytest.mark.parametrize("device", triton_devices())
+# atol: one rounding to the out dtype, plus 1e-6 in the test
+@pytest.mark.parametrize("dtype, atol, rtol", [(torch.float16, 2.0**-11, 0), (torch.bfloat16, 2.0**-8, 0),
+                                               (torch.float32, 1e-6, 0)], ids=["fp16", "bf16", "fp32"])
+def test_triton_out_dtypes(device, dtype, atol, rtol):
     f, k, b = make(9, 16, 6, 7)
-    for out_dtype, atol in ((torch.float16, 2.0**-11), (torch.bfloat16, 2.0**-8), (torch.float32, 1e-6)):
-        soft = ops.mask_predict(f, k, b, out_dtype=out_dtype, backend="triton")[0]
-        assert soft.dtype == out_dtype
-        torch.testing.assert_close(soft.float(), reference.mask_predict(f, k, b)[0], atol=atol + 1e-6, rtol=0)
+    soft = ops.mask_predict(*on(device, f, k, b), out_dtype=dtype, backend="triton")[0].cpu()
+    assert soft.dtype == dtype
+    operand_err = logit_bound(f, k, OPERAND_EPS[AUTO_OPERAND[device]]) / 4  # 0.0 on the CPU
+    torch.testing.assert_close(soft.float(), reference.mask_predict(f, k, b)[0], atol=atol + 1e-6 + operand_err,
+                               rtol=rtol)
 
 
-@needs_triton
-def test_triton_non_contiguous_and_fp64_inputs():
+@pytest.mark.parametrize("device", triton_devices())
+def test_triton_non_contiguous_and_fp64_inputs(device):
     f, k, b = make(12, 20, 7, 9, dtype=torch.float64)
-    f_t = f.transpose(1, 2).contiguous().transpose(1, 2)  # same values, non-contiguous
-    k_t = k.t().contiguous().t()
-    got = ops.mask_predict(f_t, k_t, b, backend="triton")
-    check_against_reference(got, f, k, b, 0.5, 0.0, soft_atol=1e-6)
+    f_t, k_t, b_t = on(device, f, k, b)
+    f_t = f_t.transpose(1, 2).contiguous().transpose(1, 2)  # same values, non-contiguous
+    k_t = k_t.t().contiguous().t()
+    got = to_cpu(ops.mask_predict(f_t, k_t, b_t, backend="triton"))
+    eps = OPERAND_EPS[AUTO_OPERAND[device]]  # 0.0 on the CPU
+    soft_atol = logit_bound(f, k, eps) / 4 + 1e-6 + SOFT_ROUNDING[got[0].dtype]  # 1e-6 on the CPU
+    check_mask_predict(got, f, k, b, 0.5, eps, soft_atol=soft_atol)
 
 
 # --------------------------------------------------------------------------------------
 # Shared contract
 # --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("backend", ["reference", "cpu"] + (["triton"] if HAS_TRITON else []))
-def test_inputs_not_modified(backend):
-    f, k, b = make(10, 12, 5, 6)
+@pytest.mark.parametrize("device,backend", device_backends("mask_predict", among=("reference", "cpu", "triton")))
+def test_inputs_not_modified(device, backend):
+    f, k, b = on(device, *make(10, 12, 5, 6))
     copies = [t.clone() for t in (f, k, b)]
     ops.mask_predict(f, k, b, backend=backend)
     for t, c in zip((f, k, b), copies):
@@ -257,6 +260,6 @@ def test_cuda_triton_model_size(dtype):
     f, k, b = f.cuda(), k.cuda(), b.cuda()
     got = ops.mask_predict(f, k, b, backend="triton")
     assert got[0].dtype == torch.float16
-    check_against_reference(
+    check_mask_predict(
         [t.cpu() for t in got], f.cpu(), k.cpu(), b.cpu(), 0.5, OPERAND_EPS["fp16"], soft_atol=2e-3
     )

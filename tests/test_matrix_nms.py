@@ -7,19 +7,13 @@ import torch
 
 import solo_fast.ops as ops
 from solo_fast.ops import _matrix_nms, reference
-from solo_fast.ops._triton_support import triton_available
 
-CPU_OK = _matrix_nms.cpu_available("cpu")
-DEVICE_TRITON = "cuda" if torch.cuda.is_available() else "cpu"
-TRITON_OK = triton_available(DEVICE_TRITON)
+from helpers import TRITON_DEVICE, assert_nms_matches_reference, needs_cpp, needs_triton_on
 
-needs_cpu = pytest.mark.skipif(not CPU_OK, reason="solo_fast._C (matrix_nms_decay_popcount) is not built")
-needs_triton = pytest.mark.skipif(
-    not TRITON_OK, reason="triton backend needs triton and a CUDA device or TRITON_INTERPRET=1"
-)
+needs_triton = needs_triton_on(TRITON_DEVICE)
 BACKENDS = [
-    pytest.param("cpu", "cpu", marks=needs_cpu),
-    pytest.param("triton", DEVICE_TRITON, marks=needs_triton),
+    pytest.param("cpu", "cpu", marks=needs_cpp),
+    pytest.param("triton", TRITON_DEVICE, marks=needs_triton),
 ]
 
 
@@ -54,28 +48,6 @@ def run(backend, device, masks, labels, scores, **kw):
     return ops.matrix_nms(masks.to(device), labels.to(device), scores.to(device), backend=backend, **kw)
 
 
-def assert_matches_reference(out, ref, filter_thr=-1.0, rtol=1e-5):
-    s, lab, m, k = (t.cpu() for t in out)
-    rs, rlab, rm, rk = ref
-    assert (s.dtype, lab.dtype, m.dtype, k.dtype) == (rs.dtype, rlab.dtype, rm.dtype, rk.dtype)
-    assert m.shape[1:] == rm.shape[1:]
-    if torch.equal(k, rk):
-        torch.testing.assert_close(s, rs, rtol=rtol, atol=1e-7)
-        assert torch.equal(lab, rlab) and torch.equal(m, rm)
-        return
-    # Orders may differ only between scores that tie up to rounding, and the kept sets
-    # only by scores that sit on filter_thr up to rounding.
-    ref_score = dict(zip(rk.tolist(), rs.tolist()))
-    got_score = dict(zip(k.tolist(), s.tolist()))
-    for i in set(ref_score) ^ set(got_score):
-        v = ref_score.get(i, got_score.get(i))
-        assert filter_thr > 0 and math.isclose(v, filter_thr, rel_tol=10 * rtol), f"mask {i} kept by only one side"
-    for i in set(ref_score) & set(got_score):
-        assert math.isclose(got_score[i], ref_score[i], rel_tol=rtol, abs_tol=1e-7), (i, got_score[i], ref_score[i])
-    gaps = (rs[:-1] - rs[1:]).abs() <= 10 * rtol * rs[:-1].abs()
-    assert bool(gaps.any()), "keep_inds differ although the reference's scores have no near-ties"
-
-
 CASES = [
     # (n, h, w, kwargs)
     (0, 8, 8, {}),
@@ -98,7 +70,7 @@ def test_parity_with_reference(backend, device, n, h, w, kw):
     copies = [t.clone() for t in (masks, labels, scores)]
     ref = ops.matrix_nms(masks, labels, scores, backend="reference", **kw)
     out = run(backend, device, masks, labels, scores, **kw)
-    assert_matches_reference(out, ref, kw.get("filter_thr", -1.0))
+    assert_nms_matches_reference(out, ref, kw.get("filter_thr", -1.0))
     for t, c in zip((masks, labels, scores), copies):
         assert torch.equal(t, c), "inputs were modified"
 
@@ -112,7 +84,7 @@ def test_decay_parity_uint8_and_given_area(backend, device, kernel, sigma):
     kw = dict(kernel=kernel, sigma=sigma, mask_area=area)
     ref = ops.matrix_nms(masks, labels, scores, backend="reference", **kw)
     out = run(backend, device, masks, labels, scores, **{**kw, "mask_area": area.to(device)})
-    assert_matches_reference(out, ref)
+    assert_nms_matches_reference(out, ref)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
@@ -136,7 +108,7 @@ def test_ties_keep_input_order(backend, device):
     scores = torch.tensor([0.5, 0.9, 0.5, 0.7] * 6)
     ref = ops.matrix_nms(masks, labels, scores, backend="reference")
     out = run(backend, device, masks, labels, scores)
-    assert_matches_reference(out, ref)
+    assert_nms_matches_reference(out, ref)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
@@ -212,7 +184,7 @@ def test_linear_duplicates_give_zero_not_nan(backend, device):
 # --------------------------------------------------------------------------------------
 # Bad input (checked once, in the public wrapper, for every backend)
 # --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=needs_cpu),
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=needs_cpp),
                                      pytest.param("triton", marks=needs_triton)])
 def test_bad_input_raises_value_error(backend):
     m, lab, sc = clustered(4, 5, 5)
@@ -239,19 +211,19 @@ def test_bad_input_raises_value_error(backend):
 # --------------------------------------------------------------------------------------
 # Backend plumbing and the C++ op's code paths
 # --------------------------------------------------------------------------------------
-@needs_cpu
+@needs_cpp
 def test_auto_picks_cpu_and_registers_fake():
     assert "cpu" in ops.available_backends("matrix_nms", "cpu")
     masks, labels, scores = clustered(30, 10, 11)
     ref = ops.matrix_nms(masks, labels, scores, backend="reference")
-    assert_matches_reference(ops.matrix_nms(masks, labels, scores), ref)
+    assert_nms_matches_reference(ops.matrix_nms(masks, labels, scores), ref)
     area = masks.reshape(30, -1).sum(1)
     torch.library.opcheck(torch.ops.solo_fast.matrix_nms_decay_popcount.default, (masks, labels, area, "gaussian", 2.0))
     torch.library.opcheck(torch.ops.solo_fast.matrix_nms_mask_area.default, (masks,))
     assert torch.equal(torch.ops.solo_fast.matrix_nms_mask_area(masks), area)
 
 
-@needs_cpu
+@needs_cpp
 @pytest.mark.parametrize("isa", ["avx512", "popcnt", "generic"])
 def test_cpu_isa_paths_agree(monkeypatch, isa):
     """Every runtime-dispatched path (SOLO_FAST_CPU_ISA caps the choice); odd mask sizes hit
@@ -268,7 +240,7 @@ def test_cpu_isa_paths_agree(monkeypatch, isa):
                 torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-7)
 
 
-@needs_cpu
+@needs_cpp
 @pytest.mark.parametrize("parallel_work", ["0", None])
 def test_cpu_larger_clustered(monkeypatch, parallel_work):
     """More rows than threads x row blocks, one class (all pairs) and many classes; with
@@ -288,7 +260,7 @@ def _larger_clustered():
         masks, labels, scores = clustered(301, 40, 56, num_classes=num_classes, num_clusters=12, seed=num_classes)
         for kw in ({}, {"kernel": "linear", "filter_thr": 0.05, "max_num": 100}):
             ref = ops.matrix_nms(masks, labels, scores, backend="reference", **kw)
-            assert_matches_reference(ops.matrix_nms(masks, labels, scores, backend="cpu", **kw), ref,
+            assert_nms_matches_reference(ops.matrix_nms(masks, labels, scores, backend="cpu", **kw), ref,
                                      kw.get("filter_thr", -1.0))
 
 
@@ -305,7 +277,7 @@ def test_triton_every_config_and_split_k():
         for kernel in ("gaussian", "linear"):
             ref = reference.matrix_decay(masks, labels, area, kernel, 2.0)
             for cfg in range(len(km._INTER_CONFIGS)):
-                got = km.launch_decay(masks.to(DEVICE_TRITON), labels.to(DEVICE_TRITON), area.to(DEVICE_TRITON),
+                got = km.launch_decay(masks.to(TRITON_DEVICE), labels.to(TRITON_DEVICE), area.to(TRITON_DEVICE),
                                       kernel, 2.0, config=cfg).cpu()
                 torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-7)
 
@@ -323,7 +295,7 @@ def test_triton_intersections_any_split(split):
     want = (masks.float() @ masks.float().t()).triu(1).to(torch.int32)
     inter = torch.zeros(n, n, dtype=torch.int32)
     grid = (triton_cdiv(n, 64), triton_cdiv(n, 64), split)
-    km._inter_kernel[grid](masks.to(DEVICE_TRITON), inter_dev := inter.to(DEVICE_TRITON), n, k, k, 128, 1024,
+    km._inter_kernel[grid](masks.to(TRITON_DEVICE), inter_dev := inter.to(TRITON_DEVICE), n, k, k, 128, 1024,
                            BLOCK_M=64, BLOCK_N=64, BLOCK_K=128)
     assert torch.equal(inter_dev.cpu(), want)
 
@@ -336,10 +308,10 @@ def triton_cdiv(a, b):
 def test_triton_op_is_registered():
     masks, labels, _ = clustered(12, 8, 8)
     area = masks.reshape(12, -1).sum(1)
-    _matrix_nms.decay_triton(masks.to(DEVICE_TRITON), labels.to(DEVICE_TRITON), area.to(DEVICE_TRITON), "gaussian", 2.0)
+    _matrix_nms.decay_triton(masks.to(TRITON_DEVICE), labels.to(TRITON_DEVICE), area.to(TRITON_DEVICE), "gaussian", 2.0)
     assert hasattr(torch.ops.solo_fast, "matrix_nms_decay")
-    got = torch.ops.solo_fast.matrix_nms_decay(masks.to(DEVICE_TRITON), labels.to(DEVICE_TRITON),
-                                               area.to(DEVICE_TRITON), "linear", 2.0)
+    got = torch.ops.solo_fast.matrix_nms_decay(masks.to(TRITON_DEVICE), labels.to(TRITON_DEVICE),
+                                               area.to(TRITON_DEVICE), "linear", 2.0)
     torch.testing.assert_close(got.cpu(), reference.matrix_decay(masks, labels, area, "linear", 2.0))
 
 
@@ -349,7 +321,7 @@ def test_cuda_auto_and_large():
     masks, labels, scores = clustered(500, 200, 336, num_classes=10, num_clusters=40)
     ref = ops.matrix_nms(masks, labels, scores, backend="reference")
     out = ops.matrix_nms(masks.cuda(), labels.cuda(), scores.cuda())
-    assert_matches_reference(out, ref)
+    assert_nms_matches_reference(out, ref)
 
 
 def test_cost_model():
