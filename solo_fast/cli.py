@@ -156,18 +156,10 @@ def cmd_train(args) -> int:
         raise ValueError(f"--epochs, --max-iters: expected one of them (the schedule's length), got --epochs "
                          f"{args.epochs} and --max-iters {args.max_iters}")
     overrides = {}
-    if args.min_size is not None:
-        overrides["min_size"] = args.min_size
-    if args.train_min_size is not None:
-        overrides["train_min_size"] = tuple(args.train_min_size)
-    if args.flip_prob is not None:
-        overrides["flip_prob"] = args.flip_prob
-    if args.max_size is not None:
-        overrides["max_size"] = args.max_size
-    if args.num_grids is not None:
-        overrides["num_grids"] = tuple(args.num_grids)
-    if args.frozen_stages is not None:
-        overrides["frozen_stages"] = args.frozen_stages
+    for key in ("min_size", "train_min_size", "flip_prob", "max_size", "num_grids", "frozen_stages"):
+        value = getattr(args, key)
+        if value is not None:  # the config's own value otherwise
+            overrides[key] = tuple(value) if isinstance(value, list) else value
     if args.live_bn:
         overrides["norm_eval"] = False
     # With --init and no --config, the checkpoint says which config it is for.
