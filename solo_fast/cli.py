@@ -319,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--score-thr", type=float, default=None, help="default: the model's (0.1)")
     e.set_defaults(func=cmd_eval)
     d = sub.add_parser("demo", help="the built-in demo: train a small SOLOv2 on synthetic shapes from scratch on "
-                                    "the CPU (about 10 minutes on 2 cores), evaluate it and draw its predictions")
+                                    "the CPU (6-10 minutes on 2 cores), evaluate it and draw its predictions")
     d.add_argument("--out", default="out/demo", help="output folder: data, train/, predictions.png")
     d.add_argument("--quick", action="store_true", help="a one-minute smoke run of the same steps (learns little)")
     d.add_argument("--epochs", type=int, default=None, help="override the recipe's number of epochs")
