@@ -208,7 +208,7 @@ PREPROCESS_PATHS = ("float", "uint8")
 
 
 def preprocess_cases(device, quick: bool) -> List[Dict]:
-    """The input transform of a camera photo to SOLO's 1333x800 scale: the float path
+    """The input transform of a camera photo to SOLO's (1333, 800) scale: the float path
     (what every image took before issue 12: a full-size float copy in [0, 1], then
     F.interpolate) against the uint8 path (OpenCV's resize of the uint8 image, then float),
     both from the decoded HWC uint8 array to the padded batch on ``device``."""
@@ -224,7 +224,8 @@ def preprocess_cases(device, quick: bool) -> List[Dict]:
                 return tf([torch.from_numpy(rgb).to(device).permute(2, 0, 1).float().div(255.0)], device=device)
             return tf([rgb], device=device)
         return run
-    return [dict(op="preprocess", label=f"{h}x{w} photo -> 1333x800", make=make)]
+    th, tw = tf.test_size(h, w)
+    return [dict(op="preprocess", label=f"{h}x{w} photo -> {th}x{tw}", make=make)]
 
 
 def output_agreement(ref: List[Dict], fast: List[Dict]) -> Dict:
