@@ -40,6 +40,24 @@ GPU_PEAKS = {
 }
 
 
+def matrix_nms_cost(n: int, height: int, width: int) -> dict:
+    """Work of Matrix NMS's decay on N masks of height x width, counting the upper triangle only.
+
+    ``ops``: 2 * N(N-1)/2 * H*W multiply-adds of 0/1 values (int8 tensor-core ops on the
+    GPU); ``bytes``: the masks read once as bytes plus the N x N int32 intersections
+    written once and read twice, the least the three-kernel Triton design moves.
+    """
+    pairs = n * (n - 1) // 2
+    pixels = height * width
+    return {"ops": 2 * pairs * pixels, "bytes": n * pixels + 3 * 4 * n * n}
+
+
+def floor_ms(case: Dict, peak: Dict) -> float:
+    """Lower bound of a case on a GPU: the slower of moving its bytes and doing its ops."""
+    rate = peak[case.get("precision", "fp16")]
+    return max(case.get("flops", 0) / rate, case.get("bytes", 0) / peak["bw"]) * 1e3
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -116,8 +134,6 @@ def op_cases(device, quick: bool) -> List[Dict]:
         def make(n=n):
             masks, labels, scores = clustered_masks(n, mh, mw, device)
             return lambda b: ops.matrix_nms(masks, labels, scores, filter_thr=0.05, backend=b)
-        from solo_fast.ops._matrix_nms import matrix_nms_cost
-
         # Upper-triangle intersections in int8 on tensor cores; masks read once as bytes.
         cost = matrix_nms_cost(n, mh, mw)
         cases.append(dict(op="matrix_nms", label=f"N={n} {mh}x{mw}", make=make,
@@ -357,9 +373,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             if "bytes" in case:
                 notes.append(f"{case['bytes'] / 1e6:.1f} MB min")
             if peak and ("flops" in case or "bytes" in case):
-                rate = peak[case.get("precision", "fp16")]
-                floor = max(case.get("flops", 0) / rate, case.get("bytes", 0) / peak["bw"]) * 1e3
-                notes.append(f"floor {floor * 1e3:.1f} us")
+                notes.append(f"floor {floor_ms(case, peak) * 1e3:.1f} us")
             if case["op"] == "e2e_inference" and backend != "reference":
                 agreement = output_agreement(outputs["reference"], outputs[backend])
                 notes.append(describe_agreement(agreement))

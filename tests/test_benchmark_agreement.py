@@ -60,3 +60,11 @@ def test_detections_that_trade_places_are_matched_by_mask():
     assert not a["labels_equal"] and a["max_score_diff"] > 0.1 and a["mask_pixels_differing"] == 4 * 6
     assert "2 at another position" in latency.describe_agreement(a)
     assert latency.output_agreement([ref], [ref])["moved"] == 0
+
+
+def test_matrix_nms_cost_model():
+    c = latency.matrix_nms_cost(500, 200, 336)
+    assert c["ops"] == 2 * 124_750 * 67_200 and c["bytes"] == 500 * 67_200 + 12 * 500 * 500
+    # H100 SXM: 3.35 TB/s and 1979 dense int8 TOPS -> memory-bound, ~11 us.
+    case = {"flops": c["ops"], "bytes": c["bytes"], "precision": "int8"}
+    assert 10 < latency.floor_ms(case, latency.GPU_PEAKS["H100"]) * 1e3 < 12

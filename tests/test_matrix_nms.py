@@ -322,10 +322,3 @@ def test_cuda_auto_and_large():
     ref = ops.matrix_nms(masks, labels, scores, backend="reference")
     out = ops.matrix_nms(masks.cuda(), labels.cuda(), scores.cuda())
     assert_nms_matches_reference(out, ref)
-
-
-def test_cost_model():
-    c = _matrix_nms.matrix_nms_cost(500, 200, 336)
-    assert c["ops"] == 2 * 124_750 * 67_200 and c["bytes"] == 500 * 67_200 + 12 * 500 * 500
-    # H100 SXM: 3.35 TB/s and 1979 dense int8 TOPS -> memory-bound, ~11 us.
-    assert 10 < _matrix_nms.floor_us(c, bytes_per_s=3.35e12, ops_per_s=1979e12) < 12

@@ -211,23 +211,3 @@ def decay_triton(
 
 _triton_ready, _get_op = lazy_triton_op(_triton_op, "matrix_nms_decay")
 _backend.register("matrix_decay", "triton", _triton_ready)(decay_triton)
-
-
-# --------------------------------------------------------------------------------------
-# Cost model (for benchmarks/latency.py's FLOPs / bytes / floor columns)
-# --------------------------------------------------------------------------------------
-def matrix_nms_cost(n: int, height: int, width: int) -> dict:
-    """Work of the decay on N masks of height x width, counting the upper triangle only.
-
-    ``ops``: 2 * N(N-1)/2 * H*W multiply-adds of 0/1 values (int8 tensor-core ops on the
-    GPU); ``bytes``: the masks read once as bytes plus the N x N int32 intersections
-    written once and read twice, the least the three-kernel Triton design moves.
-    """
-    pairs = n * (n - 1) // 2
-    pixels = height * width
-    return {"ops": 2 * pairs * pixels, "bytes": n * pixels + 3 * 4 * n * n}
-
-
-def floor_us(cost: dict, *, bytes_per_s: float, ops_per_s: float) -> float:
-    """Lower bound in microseconds: the slower of moving the bytes and doing the ops."""
-    return 1e6 * max(cost["bytes"] / bytes_per_s, cost["ops"] / ops_per_s)
