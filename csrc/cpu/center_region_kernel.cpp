@@ -86,7 +86,7 @@ void scan_instance(const uint8_t* mask, int64_t H, int64_t W, const std::vector<
   const std::vector<uint8_t*>& out = s.out;
   cr::moments_init(mom, H, W);
   // Zeroed here rather than by at::zeros: a fill is an OpenMP region, and on a loaded
-  // machine every fork-join region costs tens of ms (measured on the 2-core box).
+  // machine every fork-join region costs tens of ms (measured on the reference CPU).
   for (size_t k = 0; k < strides.size(); ++k) std::memset(out[k], 0, strides[k].oh * strides[k].ow);
   uint32_t* colsum = s.colsum.data();
   std::vector<int64_t> next(strides.size(), 0);

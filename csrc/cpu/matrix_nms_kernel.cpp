@@ -174,7 +174,7 @@ __attribute__((target("avx512f,avx512vpopcntdq"))) void popc_one_avx512(const ui
 #endif  // SOLO_NMS_X86
 
 // ---- mask areas (nonzero bytes per row), for the default mask_area -------------------
-// torch's reduction of a bool [500, 67200] tensor takes ~120-220 ms on 2 cores (it
+// torch's reduction of a bool [500, 67200] tensor takes ~120-220 ms on the reference CPU (it
 // widens every byte to int64); counting bytes here is memory-bound.
 int64_t count_nonzero_generic(const uint8_t* src, int64_t pixels) {
   int64_t c = 0;
@@ -195,7 +195,7 @@ __attribute__((target("avx512f,avx512bw,popcnt"))) int64_t count_nonzero_avx512(
 #endif
 
 // Going parallel can cost a scheduler time slice (a fork-join region measured 16 ms for a
-// 0.2 ms torch gather with 2 threads on the loaded 2-core machine), so a region goes
+// 0.2 ms torch gather with 2 threads on the loaded reference CPU), so a region goes
 // parallel only when its one-thread time is well above that: ~2**28 word operations (popcounts of
 // 64-bit words, bytes packed or counted) take ~30 ms on one core at AVX-512 speed.
 // SOLO_FAST_CPU_PARALLEL_WORK overrides the threshold (tests set 0 to run every region

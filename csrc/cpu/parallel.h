@@ -4,7 +4,7 @@
 // helpers from the inter-op pool, and the caller waits only for helpers that have
 // claimed an item. A fork-join region (at::parallel_for, OpenMP) waits for every thread
 // to be scheduled, and a static share per thread stays with a thread the OS has
-// descheduled: on the 2-core box under load (load average ~7) a 4M-element sum took
+// descheduled: on the reference CPU under load (load average ~7) a 4M-element sum took
 // 32 ms with two threads against 6.5 ms with one, center_region_assign with its
 // fork-join regions ~110 ms against ~8 ms, and matrix NMS at N = 500 48-64 ms against
 // 10 ms. Here a busy machine degrades to the one-thread time.

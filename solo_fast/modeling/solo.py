@@ -28,7 +28,7 @@ def _check_finite(out: Dict[str, Any]) -> None:
 
     A NaN or Inf anywhere makes a tensor's sum non-finite, so one fp32 sum per tensor
     (a single read of SOLO's ~41M output values at 800x1344: ~5 ms) stands in for
-    ``isfinite(t).all()`` (a bool tensor and a second pass: 70-115 ms on 2 cores); a sum
+    ``isfinite(t).all()`` (a bool tensor and a second pass: 70-115 ms on the reference CPU); a sum
     of finite values overflows only past 3e38, far beyond any feature map."""
     tensors = [t for v in out.values() for t in (v if isinstance(v, (list, tuple)) else [v])]
     if tensors and not bool(torch.isfinite(torch.stack([t.sum(dtype=torch.float32) for t in tensors])).all()):

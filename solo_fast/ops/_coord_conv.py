@@ -202,7 +202,7 @@ def coord_conv2d_cpu(
     if b > 1:
         t = t.repeat(b, 1, 1)
     # One in-place batched GEMM adds the term to the conv output: no [O, Ho, Wo] term
-    # tensor and one parallel region (on a busy 2-core machine every extra op costs a
+    # tensor and one parallel region (on the busy reference CPU, benchmarks/RESULTS.md, every extra op costs a
     # scheduler time slice, ~4-16 ms, more than its arithmetic). conv2d's backward
     # needs its inputs, not its output, so updating it in place is safe for autograd.
     out.view(b * o, ho, wo).baddbmm_(r.expand(b * o, ho, r.shape[1]), t)

@@ -33,7 +33,7 @@ from ._triton_support import interpreting, lazy_triton_op, opaque_under_interpre
 
 # Bound on the CPU path's one temporary (the maskness product), in fp32 elements: 64 MB.
 # Fewer, larger chunks rather than many small ones: each chunk is two parallel regions,
-# and with the 2 OpenMP threads sharing their cores with other work (this machine), a
+# and with the OpenMP threads sharing their cores with other work (the reference CPU), a
 # region costs a scheduler time slice (4-16 ms measured) more than its arithmetic.
 CHUNK_ELEMS = 1 << 24
 

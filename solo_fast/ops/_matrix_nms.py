@@ -157,7 +157,7 @@ def decay_cpu(
 
     Without ``areas`` they are counted by the C++ op too (nonzero pixels, which is the
     reference's sum for 0/1 masks): torch's ``sum`` over a bool [500, 200 * 336] tensor
-    alone took 120-220 ms on this 2-core CPU, ten times the whole C++ decay.
+    alone took 120-220 ms on the reference CPU (benchmarks/RESULTS.md), ten times the whole C++ decay.
     """
     if areas is None:
         areas = torch.ops.solo_fast.matrix_nms_mask_area(masks)
