@@ -2,9 +2,27 @@
 the argument and what was expected (DESIGN.md §3)."""
 from __future__ import annotations
 
-from typing import Sequence
+import math
+from typing import Sequence, Tuple
 
 import torch
+
+
+def is_int(v) -> bool:
+    """A Python int that is not a bool."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def is_number(v) -> bool:
+    """A finite Python int or float that is not a bool."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def size_hw(name: str, value) -> Tuple[int, int]:
+    """A (height, width) pair of positive ints."""
+    if not isinstance(value, (tuple, list)) or len(value) != 2 or not all(is_int(v) and v > 0 for v in value):
+        raise ValueError(f"{name}: expected (height, width) of positive ints, got {value!r}")
+    return int(value[0]), int(value[1])
 
 
 def tensor(name: str, value, *, ndim: int | None = None, dtypes: Sequence[torch.dtype] | None = None) -> torch.Tensor:

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ._backend import use_backend
+from ._checks import size_hw
 from .modeling.heads import DecoupledSOLOHead, SOLOHead, SOLOV2Head, level_of_cells
 from .modeling.postprocess import final_masks, flat_scores
 from .ops.reference import matrix_decay
@@ -39,13 +40,7 @@ OUTPUT_NAMES = ("masks", "scores", "labels", "num_valid")
 
 
 def _check_size(input_size) -> Tuple[int, int]:
-    if (
-        not isinstance(input_size, (tuple, list))
-        or len(input_size) != 2
-        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in input_size)
-    ):
-        raise ValueError(f"input_size: expected (height, width) of positive ints, got {input_size!r}")
-    return int(input_size[0]), int(input_size[1])
+    return size_hw("input_size", input_size)
 
 
 def stable_argsort_desc(key: torch.Tensor, k: int) -> torch.Tensor:

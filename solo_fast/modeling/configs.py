@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 from typing import Any, Dict
+
+from .._checks import is_int as _is_int, is_number as _is_number
 
 SCALE_RANGES = ((1, 96), (48, 192), (96, 384), (192, 768), (384, 2048))
 SCALE_RANGES_DECOUPLED_LIGHT = ((1, 64), (32, 128), (64, 256), (128, 512), (256, 2048))
@@ -139,14 +140,6 @@ def get_config(name: str, **overrides: Any) -> Dict[str, Any]:
         raise ValueError("num_grids, strides, scale_ranges: expected one entry per FPN level (5)")
     cfg["name"] = name
     return cfg
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def check_values(cfg: Dict[str, Any]) -> None:

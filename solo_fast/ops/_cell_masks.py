@@ -56,9 +56,8 @@ def cell_masks(
         lo, hi = torch.stack([cells.min(), cells.max()]).tolist()
         if lo < 0 or hi >= weight.shape[0]:
             raise ValueError(f"cells: expected indices in [0, {weight.shape[0]}), got [{lo}, {hi}]")
-    if size is not None and (not isinstance(size, (tuple, list)) or len(size) != 2
-                             or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)):
-        raise ValueError(f"size: expected (height, width) of positive ints, got {size!r}")
+    if size is not None:
+        _checks.size_hw("size", size)
     if mask_thr is not None and (isinstance(mask_thr, bool) or not isinstance(mask_thr, (int, float))
                                  or not 0 <= mask_thr <= 1):
         raise ValueError(f"mask_thr: expected a number in [0, 1], got {mask_thr!r}")

@@ -23,12 +23,7 @@ from .reference import Targets
 # The public ops
 # --------------------------------------------------------------------------------------
 def _check_assign_config(pad_shape, num_grids, scale_ranges, pos_scale, num_classes, mask_stride):
-    if (
-        not isinstance(pad_shape, (tuple, list))
-        or len(pad_shape) != 2
-        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in pad_shape)
-    ):
-        raise ValueError(f"pad_shape: expected (height, width) of positive ints, got {pad_shape!r}")
+    _checks.size_hw("pad_shape", pad_shape)
     if not isinstance(num_grids, (tuple, list)) or len(num_grids) == 0:
         raise ValueError(f"num_grids: expected a non-empty list of grid sizes, got {num_grids!r}")
     for s in num_grids:

@@ -70,11 +70,8 @@ def coord_conv2d(
                                  f"autocast, got {_checks.dtype_name(t.dtype)}")
     if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
         raise ValueError(f"padding: expected a non-negative int, got {padding!r}")
-    if coord_src_size is not None and (
-        not isinstance(coord_src_size, (tuple, list)) or len(coord_src_size) != 2
-        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in coord_src_size)
-    ):
-        raise ValueError(f"coord_src_size: expected (height, width) of positive ints, got {coord_src_size!r}")
+    if coord_src_size is not None:
+        _checks.size_hw("coord_src_size", coord_src_size)
     for dim, k in ((2, weight.shape[2]), (3, weight.shape[3])):
         if x.shape[dim] < 1 or x.shape[dim] + 2 * padding < k:
             raise ValueError(f"x: spatial size {tuple(x.shape[2:])} with padding {padding} is smaller than "
