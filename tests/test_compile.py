@@ -141,7 +141,7 @@ def test_compiled_model_matches_eager():
                            num_grids=(12, 10, 8, 6, 4)).eval()
     # A random model's scores sit near the 0.01 prior: low thresholds send candidates
     # through mask_predict and Matrix NMS.
-    model.cfg.update(score_thr=0.005, filter_thr=0.0)
+    model.config = model.config.replace(score_thr=0.005, filter_thr=0.0)
     img = torch.rand(3, 128, 128, generator=torch.Generator().manual_seed(0))
     want = model(img[None])[0]
     compiled = torch.compile(model, backend="aot_eager")

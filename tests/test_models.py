@@ -162,3 +162,22 @@ def test_frozen_stages_and_norm_eval_settings():
     before = frozen.backbone.layer2[0].bn1.running_mean.clone()
     frozen([img], [tgt])
     assert torch.equal(before, frozen.backbone.layer2[0].bn1.running_mean)
+
+
+def test_typed_config_round_trips_and_is_read_only():
+    from solo_fast.modeling import configs
+
+    model = solo_fast.SOLO("decoupled_solo_light_r18_fpn", num_classes=4, **SMALL)
+    c = model.config
+    assert (c.arch.depth, c.arch.head, c.input.min_size, c.input.train_min_size) == (18, "decoupled_light", 96, (96,))
+    assert c.inference.score_thr == 0.1 and c.loss.scale_ranges == configs.SCALE_RANGES_DECOUPLED_LIGHT
+    flat = dict(model.cfg)
+    assert configs.SOLOConfig.from_dict(flat) == c and set(flat) == set(configs.BASE) | {"name", "num_classes"}
+    with pytest.raises(TypeError):
+        model.cfg["score_thr"] = 0.5  # the mapping is a view; settings change through config.replace
+    changed = c.replace(score_thr=0.3, frozen_stages=-1)
+    assert changed.inference.score_thr == 0.3 and changed.arch.frozen_stages == -1 and c.inference.score_thr == 0.1
+    with pytest.raises(ValueError, match="score_thr"):
+        c.replace(score_thr=2.0)
+    with pytest.raises(ValueError, match="no_such"):
+        c.replace(no_such=1)

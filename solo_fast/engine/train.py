@@ -574,7 +574,7 @@ def _train(net, dataset, val_dataset, dev, a: TrainOptions, notes=()):
     length = f"iterations {iteration + 1}..{a.max_iters}" if by_iter else f"epochs {epoch + 1}..{a.epochs}"
     if main:
         with open(os.path.join(out_dir, "config.json"), "w") as f:
-            json.dump({"model": net.cfg, "class_names": net.class_names, "category_ids": net.category_ids,
+            json.dump({"model": dict(net.cfg), "class_names": net.class_names, "category_ids": net.category_ids,
                        "recipe": {"name": the_plan.recipe, "reason": the_plan.reason,
                                   "explicit": list(the_plan.explicit)},
                        "train": a.recorded() | {"world_size": world, "iters_per_epoch": iters_per_epoch}},

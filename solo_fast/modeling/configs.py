@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import Any, Dict
+from typing import Any, Dict, Tuple
 
 from .._checks import is_int as _is_int, is_number as _is_number
 
@@ -189,3 +189,89 @@ def check_values(cfg: Dict[str, Any]) -> None:
     for key in ("focal_gamma", "cls_loss_weight", "mask_loss_weight"):
         if not _is_number(cfg[key]) or cfg[key] < 0:
             fail(key, "a non-negative number")
+
+
+# --------------------------------------------------------------------------------------
+# The typed, frozen form of a config (what the model holds); the flat dict above is its
+# serialised form (``to_dict``: checkpoints' metadata, ``config.json``).
+@dataclasses.dataclass(frozen=True)
+class ArchConfig:
+    """What the weights' shapes and the backbone's freezing depend on."""
+
+    depth: int
+    frozen_stages: int
+    norm_eval: bool
+    fpn_channels: int
+    head: str
+    stacked_convs: int
+    feat_channels: int
+    strides: Tuple[int, ...]
+    num_grids: Tuple[int, ...]
+    mask_feat_channels: int
+    mask_out_channels: int
+
+
+@dataclasses.dataclass(frozen=True)
+class InputConfig:
+    """The input transform: test scale, training scales and flip, padding."""
+
+    min_size: int
+    max_size: int
+    train_min_size: Tuple[int, ...]
+    flip_prob: float
+    size_divisor: int
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """Target assignment and the losses."""
+
+    scale_ranges: Tuple[Tuple[float, float], ...]
+    pos_scale: float
+    focal_alpha: float
+    focal_gamma: float
+    cls_loss_weight: float
+    mask_loss_weight: float
+
+
+_GROUPS = {"arch": ArchConfig, "input": InputConfig, "loss": LossConfig, "inference": InferenceSettings}
+
+
+@dataclasses.dataclass(frozen=True)
+class SOLOConfig:
+    """A model's settings, checked once (:func:`check_values`) and then immutable:
+    ``config.arch.depth``, ``config.input.min_size``, ``config.inference.score_thr``, ...
+    ``to_dict``/``from_dict`` convert to and from the flat dict of :func:`get_config`."""
+
+    name: str
+    num_classes: int
+    arch: ArchConfig
+    input: InputConfig
+    loss: LossConfig
+    inference: InferenceSettings
+
+    @classmethod
+    def from_dict(cls, cfg: Dict[str, Any]) -> "SOLOConfig":
+        cfg = dict(cfg)
+        for key in ("strides", "num_grids", "train_min_size"):
+            cfg[key] = tuple(cfg[key])
+        cfg["scale_ranges"] = tuple(tuple(r) for r in cfg["scale_ranges"])
+        check_values(cfg)
+        if not _is_int(cfg.get("num_classes")) or cfg["num_classes"] <= 0:
+            raise ValueError(f"num_classes: expected a positive int, got {cfg.get('num_classes')!r}")
+        groups = {g: kind(**{f.name: cfg[f.name] for f in dataclasses.fields(kind)}) for g, kind in _GROUPS.items()}
+        return cls(name=cfg["name"], num_classes=cfg["num_classes"], **groups)
+
+    def to_dict(self) -> Dict[str, Any]:
+        out: Dict[str, Any] = {"name": self.name, "num_classes": self.num_classes}
+        for group in _GROUPS:
+            out.update(dataclasses.asdict(getattr(self, group)))
+        return out
+
+    def replace(self, **settings: Any) -> "SOLOConfig":
+        """These settings with flat ``settings`` (any keys of :data:`BASE`) replaced, checked."""
+        unknown = [k for k in settings if k not in BASE]
+        if unknown:
+            raise ValueError(f"{unknown[0]}: not a setting; known settings: {sorted(BASE)}")
+        return SOLOConfig.from_dict({**self.to_dict(), **settings})
+

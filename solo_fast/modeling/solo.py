@@ -4,7 +4,8 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from typing import Any, Dict, List, Optional, Sequence
+from types import MappingProxyType
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -84,7 +85,7 @@ class SOLO(nn.Module):
             raise ValueError(f"num_classes: expected a positive int, got {num_classes!r}")
         cfg = configs.get_config(config, **overrides)
         cfg["num_classes"] = num_classes
-        self.cfg = cfg
+        self.config = configs.SOLOConfig.from_dict(cfg)
         self.class_names: Optional[List[str]] = None
         self.category_ids: Optional[List[int]] = None  # the dataset's id of each label (COCO results)
         self.explicit_settings = frozenset(overrides)
@@ -106,7 +107,7 @@ class SOLO(nn.Module):
         """Changes ``frozen_stages`` (stages whose parameters get no gradient; -1: none) and
         ``norm_eval`` (BatchNorm keeps its running statistics in training) after construction,
         as the training recipe does for settings the caller left open."""
-        configs.check_values(dict(self.cfg, frozen_stages=frozen_stages, norm_eval=norm_eval))
+        config = self.config.replace(frozen_stages=frozen_stages, norm_eval=norm_eval)  # checked
         bb = self.backbone
         for m in bb._frozen_modules():  # what the old setting froze learns again, unless frozen anew below
             for p in m.parameters():
@@ -114,16 +115,22 @@ class SOLO(nn.Module):
         bb.frozen_stages, bb.norm_eval = frozen_stages, norm_eval
         bb._freeze()
         bb.train(bb.training)
-        self.cfg["frozen_stages"], self.cfg["norm_eval"] = frozen_stages, norm_eval
+        self.config = config
 
     # ------------------------------------------------------------------ properties
     @property
+    def cfg(self) -> Mapping[str, Any]:
+        """The config as the flat, read-only mapping of :func:`configs.get_config`
+        (``self.config`` is the typed form; change settings with ``config.replace``)."""
+        return MappingProxyType(self.config.to_dict())
+
+    @property
     def config_name(self) -> str:
-        return self.cfg["name"]
+        return self.config.name
 
     @property
     def num_classes(self) -> int:
-        return self.cfg["num_classes"]
+        return self.config.num_classes
 
     @property
     def device(self) -> torch.device:
@@ -131,9 +138,9 @@ class SOLO(nn.Module):
 
     def mask_strides(self):
         """Stride of each level's mask targets: SOLO's masks are at half the level stride, SOLOv2's at 4."""
-        if self.cfg["head"] == "solov2":
+        if self.config.arch.head == "solov2":
             return 4
-        return [s // 2 for s in self.cfg["strides"]]
+        return [s // 2 for s in self.config.arch.strides]
 
     # ------------------------------------------------------------------ forward
     def extract(self, batch: torch.Tensor):
@@ -155,7 +162,7 @@ class SOLO(nn.Module):
             batch, metas = self.transform(images, device=self.device)
             out = self.extract(batch)
             _check_finite(out)
-            results = postprocess(self.mask_head, out, metas, self.inference_settings(), self.cfg["strides"])
+            results = postprocess(self.mask_head, out, metas, self.inference_settings(), self.config.arch.strides)
         for r in results:
             r["boxes"] = masks_to_boxes(r["masks"])
         return results
@@ -196,7 +203,7 @@ class SOLO(nn.Module):
     def inference_settings(self, **overrides) -> configs.InferenceSettings:
         """The model's inference settings with ``overrides`` (score_thr, mask_thr, nms_pre,
         filter_thr, max_per_img, mask_chunk) applied; a bad one raises ValueError naming it."""
-        return configs.InferenceSettings.from_config(self.cfg).replace(**overrides)
+        return self.config.inference.replace(**overrides)
 
     @torch.no_grad()
     def predict(self, images, *, batch_size: int = 2, **overrides) -> List[SOLOResult]:
@@ -217,7 +224,7 @@ class SOLO(nn.Module):
                 batch, metas = self.transform(inputs[start : start + batch_size], device=self.device)
                 out = self.extract(batch)
                 _check_finite(out)
-                for r, arr in zip(postprocess(self.mask_head, out, metas, settings, self.cfg["strides"]), arrays[start : start + batch_size]):
+                for r, arr in zip(postprocess(self.mask_head, out, metas, settings, self.config.arch.strides), arrays[start : start + batch_size]):
                     results.append(SOLOResult(r["masks"], r["scores"], r["labels"], masks_to_boxes(r["masks"]),
                                               image=arr, class_names=self.class_names,
                                               category_ids=self.category_ids))
@@ -274,7 +281,7 @@ class SOLO(nn.Module):
         if os.path.isdir(path) or not path.endswith(".safetensors"):
             os.makedirs(path, exist_ok=True)
             path = os.path.join(path, "model.safetensors")
-        meta = {"solo_fast_config": json.dumps({k: v for k, v in self.cfg.items()})}
+        meta = {"solo_fast_config": json.dumps(self.config.to_dict())}
         if self.class_names is not None:
             meta["class_names"] = json.dumps(list(self.class_names))
         if self.category_ids is not None:
