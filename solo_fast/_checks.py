@@ -18,6 +18,15 @@ def is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def is_integral(v) -> bool:
+    """An integer scalar: a Python or numpy int (not a bool) or a 0-d integer tensor."""
+    import numpy as np
+
+    if isinstance(v, torch.Tensor):
+        return v.dim() == 0 and not v.is_floating_point() and not v.is_complex() and v.dtype != torch.bool
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
 def size_hw(name: str, value) -> Tuple[int, int]:
     """A (height, width) pair of positive ints."""
     if not isinstance(value, (tuple, list)) or len(value) != 2 or not all(is_int(v) and v > 0 for v in value):

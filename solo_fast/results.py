@@ -8,6 +8,8 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from ._checks import is_integral
+
 
 def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
     """Tight xyxy boxes of bool masks [N, H, W]: (min col, min row, max col + 1, max row + 1)."""
@@ -22,12 +24,6 @@ def _describe(v) -> str:
     return type(v).__name__
 
 
-def _is_int(v) -> bool:
-    if isinstance(v, torch.Tensor):
-        return v.dim() == 0 and not v.is_floating_point() and not v.is_complex() and v.dtype != torch.bool
-    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
-
-
 def _check_image_array(img, size, name: str) -> None:
     """An HWC uint8 RGB array of the masks' size (H, W)."""
     if not isinstance(img, np.ndarray) or img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
@@ -39,7 +35,7 @@ def _check_image_array(img, size, name: str) -> None:
 
 def _check_category_ids(ids, name: str) -> None:
     if ids is not None and (isinstance(ids, (str, bytes)) or not hasattr(ids, "__len__")
-                            or not all(_is_int(c) for c in ids)):
+                            or not all(is_integral(c) for c in ids)):
         raise ValueError(f"{name}: expected a sequence of ints (one per label), got {ids!r}")
 
 
@@ -97,7 +93,7 @@ class SOLOResult:
         """
         from pycocotools import mask as mask_utils
 
-        if not _is_int(image_id):
+        if not is_integral(image_id):
             raise ValueError(f"image_id: expected an int, got {image_id!r}")
         _check_category_ids(category_ids, "category_ids")
         if category_ids is None:

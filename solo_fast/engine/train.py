@@ -25,7 +25,6 @@ import dataclasses
 import itertools
 import json
 import logging
-import math
 import os
 import random
 import time
@@ -34,6 +33,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import torch
 
 from . import distributed as D
+from .._checks import is_int, is_number
 from ..data import collate
 from ..modeling.configs import ARCH_KEYS
 from .evaluate import evaluate, format_stats, unwrap
@@ -119,8 +119,8 @@ class WarmupStepSchedule:
 
 
 def _check_positive(name, value, kind=int, allow_zero=False):
-    ok = not isinstance(value, bool) and isinstance(value, (int,) if kind is int else (int, float))
-    if not ok or (value < 0 if allow_zero else value <= 0) or (kind is float and not math.isfinite(value)):
+    ok = is_int(value) if kind is int else is_number(value)
+    if not ok or (value < 0 if allow_zero else value <= 0):
         what = "a non-negative" if allow_zero else "a positive"
         raise ValueError(f"{name}: expected {what} {'int' if kind is int else 'number'}, got {value!r}")
 
