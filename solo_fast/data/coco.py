@@ -18,6 +18,8 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 import torch
 
+from .._checks import is_int
+
 __all__ = ["CocoDataset", "collate"]
 
 
@@ -122,17 +124,17 @@ class CocoDataset(torch.utils.data.Dataset):
                 raise ValueError(f"{where}: every image needs id, file_name, height and width; got {img!r:.200}")
             if not isinstance(img["file_name"], str):
                 raise ValueError(f"{where}: image id {img['id']!r}: file_name must be a string, got {img['file_name']!r}")
-            if not isinstance(img["id"], int) or isinstance(img["id"], bool):
+            if not is_int(img["id"]):
                 raise ValueError(f"{where}: image ids must be integers, got {img['id']!r}")
             if img["id"] in image_hw:
                 raise ValueError(f"{where}: image id {img['id']} appears twice")
             h, w = img["height"], img["width"]
-            if not (isinstance(h, int) and isinstance(w, int) and h > 0 and w > 0):
+            if not (is_int(h) and is_int(w) and h > 0 and w > 0):
                 raise ValueError(f"{where}: image id {img['id']}: expected positive integer height and width, got {h}, {w}")
             image_hw[img["id"]] = (h, w)
         cat_ids = set()
         for cat in data["categories"]:
-            if not isinstance(cat, dict) or not isinstance(cat.get("id"), int) or isinstance(cat.get("id"), bool):
+            if not isinstance(cat, dict) or not is_int(cat.get("id")):
                 raise ValueError(f"{where}: every category needs an integer id; got {cat!r:.200}")
             if cat["id"] in cat_ids:
                 raise ValueError(f"{where}: category id {cat['id']} appears twice")
@@ -180,7 +182,7 @@ class CocoDataset(torch.utils.data.Dataset):
                 raise ValueError(bad + f"RLE size {size!r} does not match the image's [height, width] = [{h}, {w}]")
             counts = seg["counts"]
             if isinstance(counts, list):
-                if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts):
+                if not all(is_int(c) and c >= 0 for c in counts):
                     raise ValueError(bad + "uncompressed RLE counts must be non-negative integers")
                 total = sum(counts)
             elif isinstance(counts, (str, bytes)):
