@@ -25,7 +25,7 @@ surplus pairs are dropped before the maskness re-weighting, where ``predict`` ke
 from __future__ import annotations
 
 import os
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -37,10 +37,6 @@ from .modeling.postprocess import final_masks, flat_scores
 from .ops.reference import matrix_decay
 
 OUTPUT_NAMES = ("masks", "scores", "labels", "num_valid")
-
-
-def _check_size(input_size) -> Tuple[int, int]:
-    return size_hw("input_size", input_size)
 
 
 def stable_argsort_desc(key: torch.Tensor, k: int) -> torch.Tensor:
@@ -79,7 +75,7 @@ class ExportableSOLO(nn.Module):
     def __init__(self, model, input_size: Sequence[int], *, topk: Optional[int] = None, **overrides):
         super().__init__()
         model = _check_model(model)
-        self.input_size = _check_size(input_size)
+        self.input_size = size_hw("input_size", input_size)
         cfg = model.inference_settings(**overrides)  # validates the overrides (ValueError naming the key)
         if topk is not None and (isinstance(topk, bool) or not isinstance(topk, int) or topk <= 0):
             raise ValueError(f"topk: expected a positive int, got {topk!r}")
@@ -212,7 +208,7 @@ def export_onnx(model, path: str, input_size: Optional[Sequence[int]] = None, *,
             raise ValueError("input_size: expected (height, width) of positive ints, got None")
         program = None
         _check_model(model)
-        _check_size(input_size)
+        size_hw("input_size", input_size)
     try:
         import onnx  # noqa: F401
         import onnxscript  # noqa: F401

@@ -202,25 +202,25 @@ class DecoupledSOLOHead(_GridHead):
 
     def candidate_masks(self, out, b, cells, mask_size, mask_thr, static=False):
         levels, local = self.split_cells(cells)
-        grid = torch.tensor(self.num_grids, device=cells.device)[levels]
 
-        def factors(name):  # [ΣS, h, w]: every level's S maps, each upsampled to stride 4 (as published)
-            return torch.cat([_resize(m[b : b + 1].sigmoid(), mask_size)[0] for m in out[name]])
+        def factor(name, level):  # a level's S maps, each upsampled to stride 4 (as published)
+            return _resize(out[name][level][b : b + 1].sigmoid(), mask_size)[0]
 
-        if static:
+        if static:  # one gather from all levels' maps [ΣS, h, w]
+            grid = torch.tensor(self.num_grids, device=cells.device)[levels]
             offsets = torch.tensor([0] + list(self.num_grids), device=cells.device).cumsum(0)[levels]
-            soft = factors("mask_y")[offsets + local // grid] * factors("mask_x")[offsets + local % grid]
-            return mask_stats(soft, mask_thr)
+            ys, xs = (torch.cat([factor(name, lvl) for lvl in range(len(self.num_grids))])
+                      for name in ("mask_y", "mask_x"))
+            return mask_stats(ys[offsets + local // grid] * xs[offsets + local % grid], mask_thr)
+
+        empty = out["mask_x"][0].new_zeros((0, *mask_size))
 
         def level_soft(level, sel):
             if sel.numel() == 0:
-                return out["mask_x"][level].new_zeros((0, *mask_size))
+                return empty
             S = self.num_grids[level]
-            sy = _resize(out["mask_y"][level][b : b + 1].sigmoid(), mask_size)[0]
-            sx = _resize(out["mask_x"][level][b : b + 1].sigmoid(), mask_size)[0]
-            return sy[sel // S] * sx[sel % S]
+            return factor("mask_y", level)[sel // S] * factor("mask_x", level)[sel % S]
 
-        empty = out["mask_x"][0].new_zeros((0, *mask_size))
         return mask_stats(per_level(levels, local, len(self.num_grids), level_soft, empty), mask_thr)
 
 
