@@ -3,6 +3,7 @@ the argument and what was expected (DESIGN.md §3)."""
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Sequence, Tuple
 
 import torch
@@ -25,6 +26,29 @@ def is_integral(v) -> bool:
     if isinstance(v, torch.Tensor):
         return v.dim() == 0 and not v.is_floating_point() and not v.is_complex() and v.dtype != torch.bool
     return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def python_scalar(v):
+    """``v`` as a plain Python number when it is a real number of another type (a numpy
+    scalar or 0-d array, a 0-d tensor, a ``fractions.Fraction``, ...), else ``v`` unchanged.
+
+    Settings are checked with :func:`is_number` / :func:`is_int` after this, so bools
+    (``np.bool_`` and bool tensors become ``bool``), NaN and non-integral values for int
+    settings are still refused; what passes downstream (and into a saved config's JSON) is
+    an ``int`` or a ``float``, never a tensor."""
+    import numpy as np
+
+    if isinstance(v, (torch.Tensor, np.ndarray)):
+        return v.item() if v.ndim == 0 else v
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, (bool, int, float)):
+        return v
+    if isinstance(v, numbers.Integral):
+        return int(v)
+    if isinstance(v, numbers.Real):
+        return float(v)
+    return v
 
 
 def size_hw(name: str, value) -> Tuple[int, int]:

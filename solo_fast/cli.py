@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
-from typing import List, Optional
+from typing import Dict, List, Optional
+
+from ._outputs import output_dir, output_file
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 DEFAULT_TRAIN_CONFIG = "solov2_light_r18_fpn"
@@ -29,10 +32,40 @@ def cmd_demo(args) -> int:
         from dataclasses import replace
 
         recipe = replace(recipe, epochs=args.epochs, milestones=tuple(m for m in recipe.milestones if m < args.epochs))
+    output_dir(args.out, "--out")
     run_demo(args.out, recipe=recipe)
     return 0
 
 
+# ---------------------------------------------------------------- flags in messages
+@contextlib.contextmanager
+def _flags(**names: str):
+    """Library errors name the argument (``score_thr: expected ...``); inside this block a
+    ValueError that starts with one of ``names`` names its flag instead, for a call whose
+    argument comes from a flag of another name (``draw(score_thr=args.draw_thr)``). main()
+    does the same for every flag whose name is the argument's (``--score-thr``)."""
+    try:
+        yield
+    except ValueError as exc:
+        raise ValueError(_name_the_flag(str(exc), names)) from None
+
+
+def _name_the_flag(message: str, names: Dict[str, str]) -> str:
+    arg, sep, rest = message.partition(":")
+    return names[arg] + sep + rest if sep and arg in names else message
+
+
+def _flag_names(parser: argparse.ArgumentParser) -> Dict[str, str]:
+    """``{dest: "--flag"}`` of a sub-command's options (``score_thr``: ``--score-thr``)."""
+    return {a.dest: max(a.option_strings, key=len) for a in parser._actions if a.option_strings}
+
+
+# Library arguments that a sub-command's flag of another name sets (the rest share the name).
+_RENAMED = {"train": {"out_dir": "--out", "norm_eval": "--live-bn"},
+            "export": {"input_size": "--height, --width"}}
+
+
+# ---------------------------------------------------------------- predict
 def _collect_images(inputs: List[str]) -> List[str]:
     paths = []
     for p in inputs:
@@ -44,26 +77,60 @@ def _collect_images(inputs: List[str]) -> List[str]:
             raise FileNotFoundError(f"inputs: no image or folder at {p!r}")
     if not paths:
         raise ValueError(f"inputs: no images ({', '.join(IMAGE_EXTS)}) found in {inputs}")
-    return paths
+    # A file given twice (a folder and a file in it) is predicted once.
+    unique: Dict[str, str] = {}
+    for p in paths:
+        unique.setdefault(os.path.abspath(p), p)
+    return list(unique.values())
+
+
+def _relative_names(paths: List[str]) -> List[str]:
+    """Each path relative to the folder that holds them all: unique (``a/x.jpg``, ``a/x.png``,
+    ``b/x.jpg``), and the bare file name when they share one folder."""
+    absolute = [os.path.abspath(p) for p in paths]
+    root = os.path.commonpath([os.path.dirname(p) for p in absolute])
+    return [os.path.relpath(p, root) for p in absolute]
 
 
 def cmd_predict(args) -> int:
-    model = _model(args)
-    paths = _collect_images(args.inputs)
-    os.makedirs(args.out, exist_ok=True)
     from tqdm import tqdm
 
-    coco = []
-    for i, path in enumerate(tqdm(paths, desc="predict", unit="img")):
-        r = model.predict(path, score_thr=args.score_thr)[0]
-        stem = os.path.splitext(os.path.basename(path))[0]
-        r.draw(score_thr=args.draw_thr).save(os.path.join(args.out, f"{stem}.png"))
-        for d in r.to_coco(i):
-            d["file_name"] = os.path.basename(path)
-            coco.append(d)
+    from .modeling.images import decode_file
+
+    paths = _collect_images(args.inputs)
+    output_dir(args.out, "--out")
+    model = _model(args)
+    coco, failed = [], []
+    # image_id: the file's position in the input list, so ids stay unique and fixed when a file fails.
+    todo = list(zip(paths, _relative_names(paths)))
+    for image_id, (path, name) in enumerate(tqdm(todo, desc="predict", unit="img")):
+        try:
+            image = decode_file(path, "inputs")  # what predict(path) decodes, so a bad file is told apart
+        except (ValueError, FileNotFoundError) as exc:
+            reason = str(exc)
+        except OSError as exc:  # e.g. no read permission
+            reason = f"inputs: cannot read {path!r} ({exc.strerror or exc})"
+        else:
+            reason = None
+        if reason is not None:
+            # One unreadable file must not cost the others' results: skip it, say so, fail at the end.
+            tqdm.write(f"solo-fast predict: warning: {reason}; skipped", file=sys.stderr)
+            failed.append(path)
+            continue
+        r = model.predict(image, score_thr=args.score_thr)[0]
+        # The input's path under --out, extension kept: a/x.jpg -> OUT/a/x.jpg.png.
+        overlay = os.path.join(args.out, name + ".png")
+        os.makedirs(os.path.dirname(overlay), exist_ok=True)
+        with _flags(score_thr="--draw-thr"):
+            r.draw(score_thr=args.draw_thr).save(overlay)
+        coco += [dict(d, file_name=name) for d in r.to_coco(image_id)]
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(coco, f)
-    print(f"wrote {len(paths)} overlays and results.json to {args.out}")
+    print(f"wrote {len(paths) - len(failed)} overlays and results.json to {args.out}")
+    if failed:
+        print(f"solo-fast predict: error: {len(failed)} of {len(paths)} images could not be read (warnings above): "
+              + ", ".join(repr(p) for p in failed), file=sys.stderr)
+        return 1
     return 0
 
 
@@ -80,10 +147,10 @@ def cmd_export(args) -> int:
         except ImportError:
             raise ValueError(f"--format {args.format}: ONNX export needs onnx and onnxscript "
                              "(pip install 'solo_fast[export]'), or use --format torch") from None
+    output_dir(args.out, "--out")
     model = _load_checkpoint(args.checkpoint) if args.checkpoint else _model(args)
     settings = {k: v for k, v in (("score_thr", args.score_thr), ("max_per_img", args.max_per_img)) if v is not None}
     program = export_program(model, (args.height, args.width), topk=args.topk, **settings)
-    os.makedirs(args.out, exist_ok=True)
     written = []
     if args.format in ("torch", "both"):
         import torch
@@ -168,6 +235,7 @@ def cmd_train(args) -> int:
         get_config(config, **overrides)  # an unknown name fails here, before any data is read
     if args.resume and not os.path.isfile(os.path.join(args.out, STATE_FILE)):
         raise FileNotFoundError(f"--resume: no {STATE_FILE} in {args.out!r} to resume from")
+    output_dir(args.out, "--out")  # before the data are read and the model built
     from solo_fast.data import CocoDataset
 
     dataset = CocoDataset(args.train_ann, args.train_images)
@@ -191,7 +259,8 @@ def cmd_train(args) -> int:
               warmup_ratio=args.warmup_ratio,
               milestones=tuple(args.milestones) if args.milestones is not None else None, gamma=args.gamma,
               momentum=args.momentum, weight_decay=args.weight_decay,
-              grad_clip=args.grad_clip if args.grad_clip > 0 else None, num_workers=args.num_workers,
+              grad_clip=None if args.grad_clip == 0 else args.grad_clip,  # NaN and < 0 reach training's check
+              num_workers=args.num_workers,
               log_every=args.log_every, resume=True if args.resume else None, val_dataset=val,
               eval_every=args.eval_every, seed=args.seed, amp=not args.no_amp, optimizer=args.optimizer)
     except (ValueError, FileNotFoundError) as exc:
@@ -211,6 +280,8 @@ def cmd_eval(args) -> int:
     model = _load_checkpoint(args.checkpoint)
     _need_file(args.ann, "--ann", "annotation file")
     _need_dir(args.images, "--images")
+    if args.out_json:
+        output_file(args.out_json, "--out-json")
     from solo_fast.data import CocoDataset
 
     dataset = CocoDataset(args.ann, args.images)
@@ -325,11 +396,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--epochs", type=int, default=None, help="override the recipe's number of epochs")
     d.set_defaults(func=cmd_demo)
     q = sub.add_parser("predict", help="predict masks for images or folders of images")
-    q.add_argument("inputs", nargs="+")
+    q.add_argument("inputs", nargs="+", help="image files and folders (their .png/.jpg/.jpeg/.bmp/.webp files)")
     q.add_argument("--checkpoint", help="a .safetensors file written by SOLO.save_pretrained")
     q.add_argument("--config", default="solov2_r50_fpn", help="config name when no checkpoint is given")
     q.add_argument("--num-classes", type=int, default=80)
-    q.add_argument("--out", default="out/predict")
+    q.add_argument("--out", default="out/predict",
+                   help="output folder: an overlay per image at its path under the inputs' common folder, "
+                        "extension kept (a/x.jpg -> OUT/a/x.jpg.png), and results.json")
     q.add_argument("--score-thr", type=float, default=0.1)
     q.add_argument("--draw-thr", type=float, default=0.3)
     q.set_defaults(func=cmd_predict)
@@ -345,6 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--score-thr", type=float, default=None, help="default: the model's (0.1)")
     x.add_argument("--max-per-img", type=int, default=None, help="fixed number of outputs (default: 100)")
     x.set_defaults(func=cmd_export)
+    for name, parser in sub.choices.items():
+        parser.set_defaults(flags={**_flag_names(parser), **_RENAMED.get(name, {})})
     return p
 
 
@@ -353,7 +428,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as exc:
-        print(f"solo-fast {args.command}: error: {exc}", file=sys.stderr)
+        print(f"solo-fast {args.command}: error: {_name_the_flag(str(exc), args.flags)}", file=sys.stderr)
         return 2
 
 

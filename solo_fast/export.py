@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ._backend import use_backend
+from ._outputs import output_file
 from ._checks import size_hw
 from .modeling.heads import DecoupledSOLOHead, SOLOHead, SOLOV2Head, level_of_cells
 from .modeling.postprocess import final_masks, flat_scores
@@ -214,9 +215,9 @@ def export_onnx(model, path: str, input_size: Optional[Sequence[int]] = None, *,
         import onnxscript  # noqa: F401
     except ImportError:
         raise ImportError("export_onnx needs onnx and onnxscript: pip install 'solo_fast[export]'") from None
+    output_file(path, "path")  # before the export, which takes a while
     if program is None:
         program = export_program(model, input_size, topk=topk, **overrides)
-    os.makedirs(os.path.dirname(os.path.abspath(str(path))), exist_ok=True)
     onnx_program = torch.onnx.export(program, input_names=["image"], output_names=list(OUTPUT_NAMES),
                                      opset_version=opset_version, dynamo=True, verbose=False)
     onnx_program.save(str(path), external_data=False)

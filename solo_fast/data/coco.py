@@ -20,7 +20,7 @@ import torch
 
 from .._checks import is_int
 
-__all__ = ["CocoDataset", "collate"]
+__all__ = ["CocoDataset", "collate", "evaluable_ground_truth", "polygons_with_area"]
 
 
 def _rle_string_total(counts: str) -> int:
@@ -55,6 +55,47 @@ def _hashable(x) -> bool:
     return isinstance(x, (int, str)) and not isinstance(x, bool)
 
 
+def polygons_with_area(seg: list) -> list:
+    """The polygons of a polygon segmentation that have at least 3 points (6 coordinates):
+    fewer enclose no area. Training (:class:`CocoDataset`) and evaluation
+    (:func:`evaluable_ground_truth`) use only these, as mmdetection and detectron2 do."""
+    return [p for p in seg if isinstance(p, (list, tuple)) and len(p) >= 6]
+
+
+def evaluable_ground_truth(coco) -> Tuple[object, int, int]:
+    """``coco`` (a ``pycocotools.coco.COCO``) with the annotations :class:`CocoDataset` skips
+    dropped and the polygons it ignores removed: ``(coco or a cleaned copy, number of
+    annotations dropped, number of annotations that lost a polygon)``.
+
+    pycocotools checks nothing here: ``COCOeval`` hands each polygon list to
+    ``frPyObjects``, which reads a first polygon of 4 numbers as a box (``TypeError:
+    Argument 'bb' has incorrect type``) and rejects a shorter or empty one (``input type is
+    not supported``) after every image was predicted. An annotation with no polygon of 3
+    points (crowd regions too) is dropped; one with some keeps only those. ``coco`` itself
+    is returned, unchanged, when there is nothing to drop."""
+    from pycocotools.coco import COCO
+
+    kept, dropped, trimmed = [], 0, 0
+    for ann in coco.dataset.get("annotations", []):
+        seg = ann.get("segmentation")
+        if isinstance(seg, list):
+            polys = polygons_with_area(seg)
+            if not polys:
+                dropped += 1
+                continue
+            if len(polys) != len(seg):
+                trimmed += 1
+                ann = {**ann, "segmentation": polys}
+        kept.append(ann)
+    if not dropped and not trimmed:
+        return coco, 0, 0
+    clean = COCO()
+    clean.dataset = {**coco.dataset, "annotations": kept}
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints "creating index..."
+        clean.createIndex()
+    return clean, dropped, trimmed
+
+
 class CocoDataset(torch.utils.data.Dataset):
     """Instance masks of a COCO json (``ann_file``) over the images in ``img_dir``.
 
@@ -67,7 +108,8 @@ class CocoDataset(torch.utils.data.Dataset):
 
     Segmentations may be polygons or RLE (compressed or uncompressed); ``iscrowd=1``
     annotations are skipped, and so are polygons with fewer than 3 points (an
-    annotation left with no polygon is skipped with a warning). Images with no
+    annotation left with no polygon is skipped with a warning; evaluation leaves them out
+    of the ground truth alike, :func:`evaluable_ground_truth`). Images with no
     annotation are kept (M = 0). No augmentation happens here: the model's training
     transform resizes and flips (``flip_prob`` of its config).
 
@@ -224,9 +266,7 @@ class CocoDataset(torch.utils.data.Dataset):
             # One polygon at a time: pycocotools reads a list whose first entry has 4
             # numbers as a box, so a 2-point polygon would silently become a rectangle.
             polys = []
-            for p in seg:
-                if len(p) < 6:
-                    continue
+            for p in polygons_with_area(seg):
                 try:
                     if any(isinstance(v, (bool, str, bytes)) for v in p):
                         raise TypeError

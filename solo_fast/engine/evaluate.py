@@ -4,12 +4,15 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
+import warnings
 from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from .._checks import is_int
+from .._outputs import output_file
 from ..data import collate
+from ..data.coco import evaluable_ground_truth
 from . import distributed as D
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -30,9 +33,19 @@ def _check_dataset(dataset) -> None:
 def coco_eval(coco_gt, predictions: List[dict], image_ids: Optional[Sequence[int]] = None,
               verbose: bool = True) -> Dict[str, float]:
     """The 12 ``COCOeval`` segm stats of ``predictions`` (COCO result dicts with RLE
-    ``segmentation``) against ``coco_gt``; no predictions at all gives AP 0, not an error."""
+    ``segmentation``) against ``coco_gt``; no predictions at all gives AP 0, not an error.
+
+    Ground-truth annotations with no polygon of 3 or more points (which ``CocoDataset``
+    skips in training, and on which pycocotools fails) are left out, with a warning:
+    :func:`solo_fast.data.coco.evaluable_ground_truth`."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
+
+    coco_gt, dropped, trimmed = evaluable_ground_truth(coco_gt)
+    if dropped or trimmed:
+        warnings.warn(f"ground truth: {dropped} annotation(s) with no polygon of 3 or more points left out of the "
+                      f"evaluation, {trimmed} evaluated without their polygons of fewer than 3 points "
+                      "(CocoDataset skips the same in training)", stacklevel=2)
 
     quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
     with quiet:
@@ -65,7 +78,11 @@ def evaluate(model, dataset, *, batch_size: int = 2, out_json: Optional[str] = N
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
         raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
+    if not is_int(num_workers) or num_workers < 0:
+        raise ValueError(f"num_workers: expected a non-negative int, got {num_workers!r}")
     _check_dataset(dataset)
+    if out_json:  # before the work: an unwritable path would lose every prediction at the end
+        output_file(out_json, "out_json")
     if len(dataset) == 0:
         raise ValueError("dataset: has no images to evaluate")
     net = unwrap(model)
@@ -98,8 +115,7 @@ def evaluate(model, dataset, *, batch_size: int = 2, out_json: Optional[str] = N
     image_ids = D.all_gather_list(image_ids)
     stats = None
     if rank == 0:
-        if out_json:
-            os.makedirs(os.path.dirname(os.path.abspath(out_json)), exist_ok=True)
+        if out_json:  # before COCOeval, so that the predictions survive anything it raises
             with open(out_json, "w") as f:
                 json.dump(predictions, f)
         if verbose:

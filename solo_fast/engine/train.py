@@ -34,6 +34,7 @@ import torch
 
 from . import distributed as D
 from .._checks import is_int, is_number
+from .._outputs import atomic_write, output_dir
 from ..data import collate
 from ..modeling.configs import ARCH_KEYS
 from .evaluate import evaluate, format_stats, unwrap
@@ -355,18 +356,14 @@ def _make_logger(path: Optional[str]) -> logging.Logger:
 
 
 def _atomic_torch_save(obj, path: str) -> None:
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    # Written beside the final name and renamed, so an interrupted run never leaves a torn
+    # file, nor a temporary one.
+    with atomic_write(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def _save_model(model, out_dir: str) -> str:
-    # Written beside the final name and renamed, so an interrupted run never leaves a torn file.
-    tmp = os.path.join(out_dir, ".model.tmp.safetensors")
-    model.save_pretrained(tmp)
-    path = os.path.join(out_dir, MODEL_FILE)
-    os.replace(tmp, path)
-    return path
+    return model.save_pretrained(os.path.join(out_dir, MODEL_FILE))  # atomic, as above
 
 
 def _resume_path(resume, out_dir: str) -> str:
@@ -526,9 +523,11 @@ def _train(net, dataset, val_dataset, dev, a: TrainOptions, notes=()):
         if resumed.get("optimizer_name", "sgd") != a.optimizer:
             raise ValueError(f"optimizer: {state_path!r} was trained with {resumed.get('optimizer_name', 'sgd')!r}, "
                              f"got {a.optimizer!r}; resume with the same optimizer")
+    # The last check, as it creates the folder: made and tried before any work (on every
+    # rank: all of them refuse alike), so an unwritable out_dir does not fail the first
+    # checkpoint, an epoch in.
+    output_dir(out_dir, "out_dir")
 
-    if main:
-        os.makedirs(out_dir, exist_ok=True)
     D.barrier()
     logger = _make_logger(os.path.join(out_dir, LOG_FILE) if main else None)
     logger.info(the_plan.describe())

@@ -28,7 +28,15 @@ def decode_file(path, name: str) -> np.ndarray:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{name}: no image file at {path!r}")
     buf = np.fromfile(path, dtype=np.uint8)
-    img = cv2.imdecode(buf, cv2.IMREAD_COLOR) if buf.size else None
+    try:
+        img = cv2.imdecode(buf, cv2.IMREAD_COLOR) if buf.size else None
+    except cv2.error as exc:
+        if "CV_IO_MAX_IMAGE" in str(exc):  # OpenCV's decompression-bomb guard (default 2**30 pixels)
+            raise ValueError(
+                f"{name}: {path!r} is larger than OpenCV decodes (its limit of OPENCV_IO_MAX_IMAGE_PIXELS, default "
+                "2**30 pixels, or of OPENCV_IO_MAX_IMAGE_WIDTH/HEIGHT); if you trust the file, set that environment "
+                "variable to a larger value before the process starts (OpenCV reads it when it is imported)") from None
+        raise ValueError(f"{name}: {path!r} is not a readable image (OpenCV: {exc})") from None
     if img is None:
         raise ValueError(f"{name}: {path!r} is not a readable image (OpenCV cannot decode it)")
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)

@@ -1,8 +1,10 @@
 """``solo_fast.SOLO``: backbone + FPN + a SOLO-family head, with its own input transform."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import threading
 import warnings
 from types import MappingProxyType
 from typing import Any, Dict, List, Mapping, Optional, Sequence
@@ -11,6 +13,8 @@ import torch
 from torch import nn
 
 from .. import ops
+from .._checks import python_scalar
+from .._outputs import atomic_write, output_dir
 from ..results import SOLOResult, masks_to_boxes
 from . import configs
 from .backbone import ResNet
@@ -35,6 +39,32 @@ def _check_finite(out: Dict[str, Any]) -> None:
     if tensors and not bool(torch.isfinite(torch.stack([t.sum(dtype=torch.float32) for t in tensors])).all()):
         raise ValueError("model: the network's outputs contain NaN or Inf for finite images; check the weights "
                          "for non-finite values (under fp16 autocast: an overflow, use bf16 or fp32)")
+
+
+# predict() runs in eval mode and puts the model back as it was. Calls from several threads
+# overlap: the first one in switches to eval mode and remembers every module's mode, the
+# last one out restores them, so no call sees train mode and the mode is not lost.
+_EVAL_LOCK = threading.Lock()
+_EVAL_CALLS: Dict[int, list] = {}  # id(model) -> [active calls, [(module, its training flag)]]
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module):
+    with _EVAL_LOCK:
+        entry = _EVAL_CALLS.get(id(model))
+        if entry is None:
+            entry = _EVAL_CALLS[id(model)] = [0, [(m, m.training) for m in model.modules()]]
+            model.eval()
+        entry[0] += 1
+    try:
+        yield
+    finally:
+        with _EVAL_LOCK:
+            entry[0] -= 1
+            if entry[0] == 0:
+                del _EVAL_CALLS[id(model)]
+                for m, mode in entry[1]:  # the flags as they were (not train(), which re-derives them)
+                    m.training = mode
 
 
 def _check_per_class(values, num_classes: int, arg: str, kind: type) -> Optional[List]:
@@ -81,6 +111,8 @@ class SOLO(nn.Module):
     def __init__(self, config: str = "solov2_r50_fpn", num_classes: int = 80, backbone_weights=None,
                  **overrides: Any):
         super().__init__()
+        num_classes = python_scalar(num_classes)
+        overrides = {k: python_scalar(v) for k, v in overrides.items()}  # numpy / 0-d tensor settings
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes <= 0:
             raise ValueError(f"num_classes: expected a positive int, got {num_classes!r}")
         cfg = configs.get_config(config, **overrides)
@@ -144,7 +176,10 @@ class SOLO(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def extract(self, batch: torch.Tensor):
-        return self.mask_head(self.neck(self.backbone(batch)))
+        # The transform's output is fp32; a model cast with .half(), .bfloat16() or .double()
+        # gets its own dtype (a no-op for fp32 weights, autocast included). Post-processing
+        # takes the head's outputs in any float dtype and returns fp32 scores.
+        return self.mask_head(self.neck(self.backbone(batch.to(next(self.parameters()).dtype))))
 
     def forward(self, images, targets: Optional[Sequence[Dict[str, torch.Tensor]]] = None):
         """Train mode: ``{"loss_mask", "loss_cls"}``; eval mode: one dict per image with
@@ -202,8 +237,10 @@ class SOLO(nn.Module):
     # ------------------------------------------------------------------ inference
     def inference_settings(self, **overrides) -> configs.InferenceSettings:
         """The model's inference settings with ``overrides`` (score_thr, mask_thr, nms_pre,
-        filter_thr, max_per_img, mask_chunk) applied; a bad one raises ValueError naming it."""
-        return self.config.inference.replace(**overrides)
+        filter_thr, max_per_img, mask_chunk) applied; a bad one raises ValueError naming it.
+        Any real number is accepted (numpy scalars, 0-d tensors; integral ones for the int
+        settings) and stored as a Python float or int; bools and NaN are refused."""
+        return self.config.inference.replace(**{k: python_scalar(v) for k, v in overrides.items()})
 
     @torch.no_grad()
     def predict(self, images, *, batch_size: int = 2, **overrides) -> List[SOLOResult]:
@@ -211,15 +248,17 @@ class SOLO(nn.Module):
         uint8 tensors or CHW float tensors in [0, 1]. Files, PIL images and uint8 inputs give
         mmdetection's network input bit for bit (decoded and resized with OpenCV); float
         tensors are resized in float on their device (see ``transform.py``). Keyword
-        overrides: score_thr, mask_thr, nms_pre, filter_thr, max_per_img."""
+        overrides: score_thr, mask_thr, nms_pre, filter_thr, max_per_img.
+
+        Safe to call from several threads at once on one model: each call runs in eval mode,
+        and the modules' train/eval modes are restored when the last call ends."""
+        batch_size = python_scalar(batch_size)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
             raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
         settings = self.inference_settings(**overrides)
         inputs, arrays = load_images(images)
-        was_training = self.training
-        self.eval()
         results: List[SOLOResult] = []
-        try:
+        with _eval_mode(self):
             for start in range(0, len(inputs), batch_size):
                 batch, metas = self.transform(inputs[start : start + batch_size], device=self.device)
                 out = self.extract(batch)
@@ -228,8 +267,6 @@ class SOLO(nn.Module):
                     results.append(SOLOResult(r["masks"], r["scores"], r["labels"], masks_to_boxes(r["masks"]),
                                               image=arr, class_names=self.class_names,
                                               category_ids=self.category_ids))
-        finally:
-            self.train(was_training)
         return results
 
     # ------------------------------------------------------------------ checks
@@ -275,38 +312,44 @@ class SOLO(nn.Module):
 
     # ------------------------------------------------------------------ checkpoints
     def save_pretrained(self, path: str) -> str:
-        """Writes the weights and the config to one safetensors file (a directory gets ``model.safetensors``)."""
+        """Writes the weights and the config to one safetensors file (a directory gets
+        ``model.safetensors``; a path not ending in ``.safetensors`` is a directory, created
+        if missing). Written to a temporary file beside it and renamed: an interrupted save
+        leaves the previous file as it was and no temporary file. A path that cannot be
+        written raises ValueError naming it before anything is written."""
         from safetensors.torch import save_file
 
+        path = os.fspath(path)
         if os.path.isdir(path) or not path.endswith(".safetensors"):
-            os.makedirs(path, exist_ok=True)
-            path = os.path.join(path, "model.safetensors")
+            path = os.path.join(output_dir(path, "path"), "model.safetensors")
         meta = {"solo_fast_config": json.dumps(self.config.to_dict())}
         if self.class_names is not None:
             meta["class_names"] = json.dumps(list(self.class_names))
         if self.category_ids is not None:
             meta["category_ids"] = json.dumps([int(c) for c in self.category_ids])
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(state, path, metadata=meta)
+        with atomic_write(path) as tmp:
+            save_file(state, tmp, metadata=meta)
         return path
 
     @classmethod
     def from_pretrained(cls, path: str, map_location: str = "cpu") -> "SOLO":
         """A model saved by :meth:`save_pretrained` (a ``.safetensors`` file or its directory)."""
-        from safetensors import safe_open
-        from safetensors.torch import load_file
+        from ..checkpoint.mmdet import _load_file  # a torn or foreign file: ValueError naming it
 
+        path = os.fspath(path)
         if os.path.isdir(path):
             path = os.path.join(path, "model.safetensors")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"path: no checkpoint at {path!r}")
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
+        state, meta = _load_file(path)
+        meta = meta if isinstance(meta, dict) else {}
         if "solo_fast_config" not in meta:
-            raise ValueError(f"path: {path!r} is not a solo_fast checkpoint (no config in its metadata)")
+            raise ValueError(f"path: {path!r} is not a solo_fast checkpoint (no config in its metadata; "
+                             "SOLO.from_mmdet reads mmdetection and original-SOLO checkpoints)")
         name, num_classes, overrides = _saved_settings(json.loads(meta["solo_fast_config"]))
         model = cls(name, num_classes=num_classes, **overrides)
-        model.load_state_dict(load_file(path, device=map_location))
+        model.load_state_dict(state)
         if "class_names" in meta:
             model.class_names = json.loads(meta["class_names"])
         if "category_ids" in meta:
