@@ -24,4 +24,14 @@ TORCH_LIBRARY(solo_fast, m) {
   m.def("matrix_nms_decay_popcount(Tensor masks, Tensor labels, Tensor areas, str kernel, float sigma) -> Tensor");
   // Nonzero pixels per mask (int64 [N]): matrix_nms's default mask_area.
   m.def("matrix_nms_mask_area(Tensor masks) -> Tensor");
+  // Modulated deformable convolution (DCNv2), solo_fast.ops.deform_conv2d: columns sampled
+  // `chunk` output pixels at a time. The backward returns (grad_x, grad_offset, grad_mask,
+  // grad_weight); grad_bias is grad_out.sum((0, 2, 3)).
+  m.def(
+      "deform_conv2d_forward(Tensor x, Tensor offset, Tensor mask, Tensor weight, Tensor? bias, int[2] stride, "
+      "int[2] padding, int[2] dilation, int groups, int offset_groups, int chunk) -> Tensor");
+  m.def(
+      "deform_conv2d_backward(Tensor grad_out, Tensor x, Tensor offset, Tensor mask, Tensor weight, int[2] stride, "
+      "int[2] padding, int[2] dilation, int groups, int offset_groups, int chunk) -> "
+      "(Tensor grad_x, Tensor grad_offset, Tensor grad_mask, Tensor grad_weight)");
 }

@@ -15,6 +15,22 @@ Two public checkpoint layouts exist for the SOLO family:
   mask-feature branch is a separate top-level ``mask_feat_head``. :data:`SOLO_REPO_RULES`
   renames them.
 
+Deformable convolutions and ResNeXt keep these names in both layouts. A DCN layer
+(mmcv's ``ModulatedDeformConv2dPack`` "DCNv2" / ``DeformConv2dPack`` "DCN", mmdetection
+1.x's ``mmdet/ops/dcn`` ``ModulatedDeformConvPack`` / ``DeformConvPack``) holds ``weight``
+(``bias`` only without a norm after it: none in the SOLO family) and its offset conv
+``conv_offset.{weight,bias}`` (3·k² channels for DCNv2, 2·k² for DCN) where a plain conv
+would be: ``backbone.layerN.i.conv2.conv_offset.*`` (stages with DCN),
+``mask_head.{cls,kernel,mask}_convs.i.conv.conv_offset.*`` (the towers),
+``mask_head.mask_feature_head.*.conv.conv_offset.*`` (SOLOv2's mask-feature branch);
+solo_fast's :class:`~solo_fast.modeling.layers.DeformConv2d` has the same names. Files of
+mmcv's DCN "version < 2" name the offset conv ``<conv>_offset`` next to the conv (e.g.
+``layer2.0.conv2_offset.weight``); they are renamed as mmcv's own ``_load_from_state_dict``
+does. ResNeXt (``groups``, ``base_width``) changes only the Bottlenecks' widths; its keys
+are ResNet's. The architecture a checkpoint shows (:func:`_arch_of`: head, depth, ResNeXt
+groups, where its DCN layers are and of which type, tower depth and widths) is checked
+against the config before any tensor is copied, and names the config it fits.
+
 Background class: both layouts have exactly one class-conv row per foreground class, row
 ``k`` scoring (0-based, contiguous) class ``k``. mmdetection counts ``num_classes`` that
 way (80 for COCO). The SOLO repository sets ``num_classes=81`` in its configs, counting
@@ -35,12 +51,12 @@ import os
 import pickle
 import re
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
 from ..modeling import configs
-from ..modeling.backbone import ARCHS, Bottleneck
+from ..modeling.backbone import ARCHS, Bottleneck, describe as describe_backbone
 
 # ---------------------------------------------------------------------------- key rules
 
@@ -187,7 +203,7 @@ def read_checkpoint(path, arg: str = "path") -> Checkpoint:
         if key.startswith(_IGNORED_PREFIXES):
             ignored.append(key)
             continue
-        new = convert_key(key, fmt)
+        new = convert_key(_current_offset_name(key, state), fmt)
         if new is None:
             unmapped.append(key)
         else:
@@ -312,6 +328,15 @@ def detect_format(state: Dict[str, torch.Tensor], path: str = "checkpoint", arg:
     return "mmdet" if mmdet else "solo"
 
 
+def _current_offset_name(key: str, state: Dict[str, torch.Tensor]) -> str:
+    """``P.X_offset.weight`` -> ``P.X.conv_offset.weight`` where ``P.X`` is a conv of the file
+    (mmcv's DCN ``_load_from_state_dict`` for files before its version 2); other keys unchanged."""
+    m = re.match(r"(.+)_offset\.(weight|bias)$", key)
+    if m and f"{m.group(1)}.weight" in state and f"{m.group(1)}.conv_offset.{m.group(2)}" not in state:
+        return f"{m.group(1)}.conv_offset.{m.group(2)}"
+    return key
+
+
 def convert_key(key: str, fmt: str) -> Optional[str]:
     """solo_fast's name of a checkpoint key, or None when it has none."""
     if key.startswith(("backbone.", "neck.")):
@@ -362,16 +387,114 @@ def _blocks(state: Dict[str, torch.Tensor]) -> Optional[Tuple[type, Tuple[int, .
     return block, tuple(counts), last
 
 
+def _groups_of(state: Dict[str, torch.Tensor]) -> Optional[Tuple[int, int]]:
+    """(groups, base_width) of the backbone's first Bottleneck (ResNeXt: groups > 1), or None."""
+    w = state.get("backbone.layer1.0.conv2.weight")
+    if w is None or w.dim() != 4 or "backbone.layer1.0.conv3.weight" not in state or w.shape[1] < 1:
+        return None
+    width, groups = int(w.shape[0]), int(w.shape[0]) // int(w.shape[1])
+    # layer1's planes are 64: width = floor(64 * base_width / 64) * groups = base_width * groups
+    return (groups, width // groups) if groups > 1 else (1, 4)
+
+
 def _depth_of(state: Dict[str, torch.Tensor]) -> Tuple[Optional[int], Optional[str], str]:
     found = _blocks(state)
     if found is None:
         return None, None, ""
     block, counts, key = found
     kind = "Bottleneck" if block is Bottleneck else "BasicBlock"
+    groups, base_width = _groups_of(state) or (1, 4)
     for depth, (arch_block, arch_counts) in ARCHS.items():
         if (arch_block is Bottleneck) == (block is Bottleneck) and tuple(arch_counts) == counts:
-            return depth, key, f"ResNet-{depth}"
+            return depth, key, describe_backbone(depth, groups, base_width)
     return -1, key, f"a ResNet of {kind}s {counts}"
+
+
+_OFFSET = re.compile(r"(.*)\.conv_offset\.weight$")
+_TOWERS = ("mask_head.cls_convs", "mask_head.kernel_convs", "mask_head.mask_convs", "mask_head.mask_convs_x",
+           "mask_head.mask_convs_y")
+
+
+def _dcn_type_of(weight: torch.Tensor) -> Optional[str]:
+    """"DCNv2" (3 channels per tap: dy, dx, mask), "DCN" (2: dy, dx) or None (neither, e.g.
+    several offset groups) from an offset conv's weight."""
+    taps = int(weight.shape[2] * weight.shape[3]) if weight.dim() == 4 else 0
+    return {3 * taps: "DCNv2", 2 * taps: "DCN"}.get(int(weight.shape[0])) if taps else None
+
+
+@dataclass
+class _DCN:
+    """Where a checkpoint's deformable convs are (solo_fast key of an offset conv of each part)."""
+
+    types: Dict[str, List[str]]  # dcn type (or "other") -> offset-conv keys of that type
+    stages: Tuple[bool, ...]  # backbone layer1..layer4
+    head: Optional[str]  # "none", "all", "last", or None where the towers disagree / are irregular
+    head_detail: str  # the towers' DCN convs, for messages
+    mask_feat: Optional[bool]  # None: no mask-feature branch
+    keys: Dict[str, str]  # "backbone" / "head" / "mask_feat" -> a key there
+
+    @property
+    def dcn_type(self) -> Optional[str]:
+        kinds = [t for t in self.types if t != "other"]
+        return kinds[0] if len(kinds) == 1 and "other" not in self.types else None
+
+    @property
+    def any(self) -> bool:
+        return bool(self.types)
+
+
+def _dcn_of(state: Dict[str, torch.Tensor]) -> _DCN:
+    types: Dict[str, List[str]] = {}
+    keys: Dict[str, str] = {}
+    for key in sorted(state):
+        m = _OFFSET.match(key)
+        if not m:
+            continue
+        types.setdefault(_dcn_type_of(state[key]) or "other", []).append(key)
+        part = ("backbone" if key.startswith("backbone.") else "mask_feat"
+                if key.startswith("mask_head.mask_feature_head.") else "head")
+        keys.setdefault(part, key)
+    stages = tuple(any(re.match(rf"backbone\.layer{s}\.\d+\.conv2\.conv_offset\.", k) for k in state)
+                   for s in range(1, 5))
+    towers = {}
+    for tower in _TOWERS:
+        idx = {int(m.group(1)) for k in state for m in [re.match(rf"{re.escape(tower)}\.(\d+)\.", k)] if m}
+        if idx:
+            n = max(idx) + 1
+            towers[tower] = (n, sorted(i for i in idx if f"{tower}.{i}.conv.conv_offset.weight" in state))
+    kinds = set()
+    for n, dcn in towers.values():
+        kinds.add("none" if not dcn else "all" if dcn == list(range(n)) else "last" if dcn == [n - 1] else None)
+    head = kinds.pop() if len(kinds) == 1 else None
+    detail = ", ".join(f"{t.split('.')[-1]} {d}" for t, (_, d) in towers.items())
+    mask_feat = None
+    if any(k.startswith("mask_head.mask_feature_head.") for k in state):
+        mask_feat = "mask_feat" in keys
+    return _DCN(types, stages, head if towers else "none", detail, mask_feat, keys)
+
+
+def describe_dcn(dcn_type: Optional[str], stages: Sequence[bool], head: Optional[str], mask_feat: Optional[bool],
+                 head_detail: str = "") -> str:
+    """'deformable convolutions (DCNv2) in backbone stages c3-c5, every conv of the head's towers
+    and the mask-feature branch', or 'no deformable convolutions'."""
+    parts = []
+    on = [i + 2 for i, x in enumerate(stages) if x]
+    if on:
+        run = len(on) > 1 and on == list(range(on[0], on[-1] + 1))
+        parts.append("backbone stages " + (f"c{on[0]}-c{on[-1]}" if run else ",".join(f"c{i}" for i in on)))
+    if head == "all":
+        parts.append("every conv of the head's towers")
+    elif head == "last":
+        parts.append("the last conv of each head tower")
+    elif head is None:
+        parts.append(f"head tower convs no solo_fast config has ({head_detail})")
+    if mask_feat:
+        parts.append("the mask-feature branch")
+    if not parts:
+        return "no deformable convolutions"
+    where = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    kind = f"({dcn_type})" if dcn_type else "of a kind solo_fast has not (several offset groups, or mixed types)"
+    return f"deformable convolutions {kind} in {where}"
 
 
 def _stacked_convs(state: Dict[str, torch.Tensor]) -> Tuple[Optional[int], Optional[str]]:
@@ -390,6 +513,20 @@ def _arch_of(state: Dict[str, torch.Tensor]) -> Dict[str, object]:
     depth, _, _ = _depth_of(state)
     if depth:
         arch["depth"] = depth
+    groups = _groups_of(state)
+    if groups:
+        arch["groups"] = groups[0]
+        if groups[0] > 1:
+            arch["base_width"] = groups[1]
+    dcn = _dcn_of(state)
+    if depth:
+        arch["stage_with_dcn"] = dcn.stages
+    if head:
+        arch["head_dcn"] = dcn.head
+    if dcn.mask_feat is not None:
+        arch["mask_feat_dcn"] = dcn.mask_feat
+    if dcn.any:
+        arch["dcn_type"] = dcn.dcn_type
     n, _ = _stacked_convs(state)
     if n:
         arch["stacked_convs"] = n
@@ -435,24 +572,54 @@ def num_classes_of(ckpt: Checkpoint, num_classes: Optional[int]) -> int:
 
 
 def check_architecture(ckpt: Checkpoint, cfg: dict) -> None:
-    """ValueError when the checkpoint is for another head, backbone depth or tower depth."""
+    """ValueError when the checkpoint is for another head, deformable-conv layout (or DCN type),
+    backbone (depth, ResNet or ResNeXt) or tower depth."""
     name = cfg["name"]
     head, key = _head_kind(ckpt.state)
     if head is not None and head != cfg["head"]:
         raise ValueError(f"config: {ckpt.path!r} has a {HEAD_NAMES[head]} head (key {ckpt.source[key]!r}), config "
                          f"{name!r} has a {HEAD_NAMES[cfg['head']]} head{_suggest(ckpt)}")
+    _check_dcn(ckpt, cfg)
     depth, key, desc = _depth_of(ckpt.state)
-    if depth is not None and depth != cfg["depth"]:
+    groups = _groups_of(ckpt.state) or (cfg.get("groups", 1), cfg.get("base_width", 4))
+    ours = describe_backbone(cfg["depth"], cfg.get("groups", 1), cfg.get("base_width", 4))
+    if depth is not None and (depth != cfg["depth"] or desc != ours):
+        if depth == cfg["depth"] and groups[0] != cfg.get("groups", 1):
+            key = "backbone.layer1.0.conv2.weight"  # the grouped conv that shows ResNeXt
         raise ValueError(f"config: {ckpt.path!r} has {desc} as backbone (key {ckpt.source[key]!r}), config "
-                         f"{name!r} has ResNet-{cfg['depth']}{_suggest(ckpt)}")
+                         f"{name!r} has {ours}{_suggest(ckpt)}")
     n, key = _stacked_convs(ckpt.state)
     if n is not None and n != cfg["stacked_convs"]:
         raise ValueError(f"config: {ckpt.path!r} has {n} stacked head convs (key {ckpt.source[key]!r}), config "
                          f"{name!r} has {cfg['stacked_convs']}{_suggest(ckpt)}")
-    dcn = next((k for k in sorted(ckpt.source.values()) if ".conv_offset." in k), None)
-    if dcn is not None:
-        raise ValueError(f"config: {ckpt.path!r} uses deformable convolutions (key {dcn!r}), which no solo_fast "
-                         "config has")
+
+
+def _check_dcn(ckpt: Checkpoint, cfg: dict) -> None:
+    """ValueError when the checkpoint's deformable convs (or their type) are not the config's --
+    before any other check, so a DCN checkpoint given the plain config says so first."""
+    dcn = _dcn_of(ckpt.state)
+    want = dict(dcn_type=cfg.get("dcn_type", "DCNv2"), stages=tuple(cfg.get("stage_with_dcn", (False,) * 4)),
+                head=cfg.get("head_dcn", "none"), mask_feat=cfg.get("mask_feat_dcn", False))
+    has_backbone = any(k.startswith("backbone.layer") for k in ckpt.state)
+    has_head = any(k.startswith(_TOWERS) for k in ckpt.state)
+    # Only what the checkpoint holds is compared (a head-only file says nothing of the backbone).
+    differs = [part for part, same in (
+        ("backbone", not has_backbone or dcn.stages == want["stages"]),
+        ("head", not has_head or dcn.head == want["head"]),
+        ("mask_feat", dcn.mask_feat is None or dcn.mask_feat == want["mask_feat"]),
+    ) if not same]
+    if not differs and (not dcn.any or dcn.dcn_type == want["dcn_type"]):
+        return
+    theirs = describe_dcn(dcn.dcn_type, dcn.stages if has_backbone else (False,) * 4,
+                          dcn.head if has_head else "none", dcn.mask_feat, dcn.head_detail)
+    mine = describe_dcn(want["dcn_type"], want["stages"], want["head"], want["mask_feat"])
+    key = next((dcn.keys[p] for p in differs if p in dcn.keys), None) or next(iter(dcn.keys.values()), None)
+    if not differs:  # same places, another kind of DCN
+        taps = ckpt.state[key]
+        theirs += f" (its offset convs have {taps.shape[0]} channels for {taps.shape[2] * taps.shape[3]} taps)"
+    shown = f" (key {ckpt.name(key)})" if key else " (no '*.conv_offset.*' keys)"
+    raise ValueError(f"config: {ckpt.path!r} has {theirs}{shown}, config {cfg['name']!r} has {mine}"
+                     f"{_suggest(ckpt)}")
 
 
 # ---------------------------------------------------------------------------- loading

@@ -1,5 +1,6 @@
 """Named configurations with the published hyperparameters (mmdetection ``configs/solo``,
-``configs/solov2``)."""
+``configs/solov2``; the original SOLO repository's ``configs/solo``, ``configs/solov2`` for
+the models mmdetection does not have)."""
 from __future__ import annotations
 
 import copy
@@ -16,8 +17,24 @@ SCALE_RANGES_SOLOV2_LIGHT = ((1, 56), (28, 112), (56, 224), (112, 448), (224, 89
 TRAIN_MIN_SIZE = (800, 768, 736, 704, 672, 640)
 TRAIN_MIN_SIZE_LIGHT = (512, 480, 448, 416, 384, 352)
 
+# Deformable convs in stages c3-c5 (layer2..layer4): the published DCN models'
+# ``stage_with_dcn=(False, True, True, True)``.
+DCN_C3_C5 = (False, True, True, True)
+
 BASE: Dict[str, Any] = dict(
     depth=50,
+    # ResNeXt (mmdetection's ResNeXt groups / base_width; groups=1 is a ResNet)
+    groups=1,
+    base_width=4,
+    # Deformable convolutions (mmdetection's backbone dcn / stage_with_dcn, SOLOv2Head's
+    # dcn_cfg / dcn_apply_to_all_conv, mask_feature_head's conv_cfg): dcn_type "DCNv2"
+    # (modulated) or "DCN" (v1); stage_with_dcn: layer1..layer4; head_dcn: "none", "all"
+    # (every conv of the towers) or "last" (the last conv of each tower); mask_feat_dcn:
+    # every conv of SOLOv2's mask-feature branch.
+    dcn_type="DCNv2",
+    stage_with_dcn=(False, False, False, False),
+    head_dcn="none",
+    mask_feat_dcn=False,
     frozen_stages=1,  # stem + layer1 frozen (-1: nothing frozen, e.g. training from scratch)
     norm_eval=True,  # BatchNorm uses its running statistics in training too (mmdetection's norm_eval)
     fpn_channels=256,
@@ -74,9 +91,42 @@ for _family, _spec in _FAMILIES.items():
     for _depth in (18, 34, 50, 101):
         CONFIGS[f"{_family}_r{_depth}_fpn"] = {**BASE, **_spec, "depth": _depth}
 
+# The deformable-conv (and ResNeXt) models. mmdetection (configs/solov2/*-dcn_*):
+# solov2_r101-dcn_fpn_ms-3x_coco and solov2_x101-dcn_fpn_ms-3x_coco: SOLOv2 with DCNv2 in
+# c3-c5, in every conv of both towers (dcn_apply_to_all_conv=True) and of the mask-feature
+# branch (conv_cfg=dict(type='DCNv2')); x101: ResNeXt-101 64x4d. The original repository's
+# SOLOv2_R101_DCN_3x / SOLOv2_X101_DCN_3x are the same networks.
+_SOLOV2_DCN = dict(_FAMILIES["solov2"], depth=101, stage_with_dcn=DCN_C3_C5, head_dcn="all", mask_feat_dcn=True)
+CONFIGS["solov2_r101_dcn_fpn"] = {**BASE, **_SOLOV2_DCN}
+CONFIGS["solov2_x101_dcn_fpn"] = {**BASE, **_SOLOV2_DCN, "groups": 64, "base_width": 4}
+# solov2-light_r50-dcn_fpn_ms-3x_coco: the Light input (768x448) and mask features
+# (E = 128), but 3 stacked convs of 256 and Decoupled SOLO Light's scale ranges; DCNv2 in
+# c3-c5 and in the last conv of each tower only (dcn_apply_to_all_conv=False), none in the
+# mask-feature branch.
+_SOLOV2_LIGHT_DCN = dict(_FAMILIES["solov2_light"], depth=50, stacked_convs=3,
+                         scale_ranges=SCALE_RANGES_DECOUPLED_LIGHT, stage_with_dcn=DCN_C3_C5, head_dcn="last")
+CONFIGS["solov2_light_r50_dcn_fpn"] = {**BASE, **_SOLOV2_LIGHT_DCN}
+# The original repository's light DCN models use mmdetection 1.x's "DCN" = DCNv1
+# (DeformConvPack: offsets, no mask) and the 852x512 input:
+# SOLOv2_Light_512_DCN_R50_3x (solov2_light_512_dcn_r50_fpn_8gpu_3x.py): otherwise the
+# network of solov2_light_r50_dcn_fpn;
+CONFIGS["solov2_light_512_r50_dcn_fpn"] = {**BASE, **_SOLOV2_LIGHT_DCN, "dcn_type": "DCN", "min_size": 512,
+                                           "max_size": 852}
+# Decoupled_SOLO_Light_DCN_R50_3x (decoupled_solo_light_dcn_r50_fpn_8gpu_3x.py): Decoupled
+# SOLO Light with DCNv1 in c3-c5 and in the last conv of each tower.
+CONFIGS["decoupled_solo_light_r50_dcn_fpn"] = {**BASE, **_FAMILIES["decoupled_solo_light"], "depth": 50,
+                                               "stage_with_dcn": DCN_C3_C5, "head_dcn": "last", "dcn_type": "DCN"}
+DCN_CONFIGS = ("solov2_r101_dcn_fpn", "solov2_x101_dcn_fpn", "solov2_light_r50_dcn_fpn",
+               "solov2_light_512_r50_dcn_fpn", "decoupled_solo_light_r50_dcn_fpn")
+
 # Keys that describe the architecture; everything else is a run-time setting.
-ARCH_KEYS = ("depth", "fpn_channels", "head", "stacked_convs", "feat_channels", "num_grids",
-             "mask_feat_channels", "mask_out_channels")
+ARCH_KEYS = ("depth", "groups", "base_width", "dcn_type", "stage_with_dcn", "head_dcn", "mask_feat_dcn",
+             "fpn_channels", "head", "stacked_convs", "feat_channels", "num_grids", "mask_feat_channels",
+             "mask_out_channels")
+# Settings added after the first checkpoints were written: a saved config without them
+# has their defaults (a plain ResNet, no deformable convs).
+LATER_DEFAULTS = {k: BASE[k] for k in ("groups", "base_width", "dcn_type", "stage_with_dcn", "head_dcn",
+                                       "mask_feat_dcn")}
 TEST_KEYS = ("score_thr", "mask_thr", "nms_pre", "filter_thr", "max_per_img", "mask_chunk")
 
 
@@ -135,6 +185,8 @@ def get_config(name: str, **overrides: Any) -> Dict[str, Any]:
         cfg["train_min_size"] = (cfg["train_min_size"],)
     elif isinstance(cfg["train_min_size"], list):
         cfg["train_min_size"] = tuple(cfg["train_min_size"])
+    if isinstance(cfg["stage_with_dcn"], list):
+        cfg["stage_with_dcn"] = tuple(cfg["stage_with_dcn"])
     check_values(cfg)
     if len(cfg["num_grids"]) != len(cfg["strides"]) or len(cfg["scale_ranges"]) != len(cfg["strides"]):
         raise ValueError("num_grids, strides, scale_ranges: expected one entry per FPN level (5)")
@@ -156,6 +208,25 @@ def check_values(cfg: Dict[str, Any]) -> None:
 
     if cfg["depth"] not in (18, 34, 50, 101) or not _is_int(cfg["depth"]):
         fail("depth", "one of 18, 34, 50, 101")
+    for key in ("groups", "base_width"):
+        if not _is_int(cfg[key]) or cfg[key] < 1:
+            fail(key, "a positive int")
+    if cfg["groups"] > 1 and cfg["depth"] not in (50, 101):
+        fail("groups", f"1 for depth {cfg['depth']} (ResNeXt has Bottlenecks: depth 50 or 101)")
+    if cfg["dcn_type"] not in ("DCNv2", "DCN"):
+        fail("dcn_type", "'DCNv2' (modulated) or 'DCN' (v1)")
+    dcn = cfg["stage_with_dcn"]
+    if not isinstance(dcn, (list, tuple)) or len(dcn) != 4 or not all(isinstance(x, bool) for x in dcn):
+        fail("stage_with_dcn", "4 bools (layer1..layer4)")
+    if any(dcn) and cfg["depth"] not in (50, 101):
+        fail("stage_with_dcn", f"no deformable stages for depth {cfg['depth']} (BasicBlocks have none; "
+                               "depth 50 or 101)")
+    if cfg["head_dcn"] not in ("none", "all", "last"):
+        fail("head_dcn", "'none', 'all' (every conv of the towers) or 'last' (the last conv of each tower)")
+    if not isinstance(cfg["mask_feat_dcn"], bool):
+        fail("mask_feat_dcn", "a bool")
+    if cfg["mask_feat_dcn"] and cfg["head"] != "solov2":
+        fail("mask_feat_dcn", f"False for head {cfg['head']!r} (only SOLOv2 has a mask-feature branch)")
     if not _is_int(cfg["frozen_stages"]) or not -1 <= cfg["frozen_stages"] <= 4:
         fail("frozen_stages", "an int in [-1, 4]")
     if not isinstance(cfg["norm_eval"], bool):
@@ -201,6 +272,12 @@ class ArchConfig:
     depth: int
     frozen_stages: int
     norm_eval: bool
+    groups: int
+    base_width: int
+    dcn_type: str
+    stage_with_dcn: Tuple[bool, ...]
+    head_dcn: str
+    mask_feat_dcn: bool
     fpn_channels: int
     head: str
     stacked_convs: int
@@ -252,8 +329,8 @@ class SOLOConfig:
 
     @classmethod
     def from_dict(cls, cfg: Dict[str, Any]) -> "SOLOConfig":
-        cfg = dict(cfg)
-        for key in ("strides", "num_grids", "train_min_size"):
+        cfg = {**LATER_DEFAULTS, **cfg}
+        for key in ("strides", "num_grids", "train_min_size", "stage_with_dcn"):
             cfg[key] = tuple(cfg[key])
         cfg["scale_ranges"] = tuple(tuple(r) for r in cfg["scale_ranges"])
         check_values(cfg)

@@ -15,10 +15,16 @@ Every head follows the same protocol, used by :mod:`solo_fast.modeling.solo` (tr
 Only the cells that are needed have their masks computed where the ops allow it: which
 formulation runs (SOLO's dense S² maps as published, or only the selected rows) is the
 ops' choice (:func:`solo_fast.ops.cell_masks`), not the heads'.
+
+Deformable convs (mmdetection's ``dcn_cfg`` / ``dcn_apply_to_all_conv`` and the
+mask-feature branch's ``conv_cfg``): ``head_dcn="all"`` makes every conv of the towers
+(class tower and kernel / mask towers) a DCN, ``"last"`` only the last conv of each tower
+(the Light heads), ``"none"`` none; ``mask_feat_dcn`` every conv of SOLOv2's mask-feature
+branch, its 1×1 ``conv_pred`` included. ``dcn_type`` is "DCNv2" or "DCN" (DCNv1).
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -77,9 +83,21 @@ def level_of_cells(num_grids: Sequence[int], device) -> torch.Tensor:
     return torch.cat([torch.full((S * S,), i, dtype=torch.long, device=device) for i, S in enumerate(num_grids)])
 
 
-def _tower(in_channels: int, feat_channels: int, n: int, coords: str | None) -> nn.ModuleList:
+HEAD_DCN = ("none", "all", "last")
+
+
+def _tower_dcn(head_dcn: str, dcn_type: str, i: int, n: int) -> Optional[str]:
+    """The DCN type of conv ``i`` of a tower of ``n`` convs (None: a plain conv)."""
+    if head_dcn not in HEAD_DCN:
+        raise ValueError(f"head_dcn: expected one of {HEAD_DCN}, got {head_dcn!r}")
+    return dcn_type if head_dcn == "all" or (head_dcn == "last" and i == n - 1) else None
+
+
+def _tower(in_channels: int, feat_channels: int, n: int, coords: str | None, head_dcn: str = "none",
+           dcn_type: str = "DCNv2") -> nn.ModuleList:
     return nn.ModuleList(
-        ConvModule(in_channels if i == 0 else feat_channels, feat_channels, 3, coords=coords if i == 0 else None)
+        ConvModule(in_channels if i == 0 else feat_channels, feat_channels, 3, coords=coords if i == 0 else None,
+                   dcn=_tower_dcn(head_dcn, dcn_type, i, n))
         for i in range(n)
     )
 
@@ -100,11 +118,12 @@ class _GridHead(nn.Module):
     """What all SOLO heads share: the class branch (resize to S×S, convs, 3×3 conv to C)."""
 
     def __init__(self, num_classes: int, in_channels: int, feat_channels: int, stacked_convs: int,
-                 num_grids: Sequence[int]):
+                 num_grids: Sequence[int], head_dcn: str = "none", dcn_type: str = "DCNv2"):
         super().__init__()
         self.num_classes = num_classes
         self.num_grids = list(num_grids)
-        self.cls_convs = _tower(in_channels, feat_channels, stacked_convs, None)
+        self.head_dcn, self.dcn_type = head_dcn, dcn_type
+        self.cls_convs = _tower(in_channels, feat_channels, stacked_convs, None, head_dcn, dcn_type)
         self.conv_cls = _init_normal(nn.Conv2d(feat_channels, num_classes, 3, padding=1), 0.01)
 
     def split_cells(self, cells: torch.Tensor):
@@ -122,9 +141,9 @@ class SOLOHead(_GridHead):
     """SOLO: CoordConv mask tower, ×2 upsample, 1×1 conv to S² masks per level."""
 
     def __init__(self, num_classes, in_channels=256, feat_channels=256, stacked_convs=7,
-                 num_grids=(40, 36, 24, 16, 12)):
-        super().__init__(num_classes, in_channels, feat_channels, stacked_convs, num_grids)
-        self.mask_convs = _tower(in_channels, feat_channels, stacked_convs, "xy")
+                 num_grids=(40, 36, 24, 16, 12), head_dcn="none", dcn_type="DCNv2"):
+        super().__init__(num_classes, in_channels, feat_channels, stacked_convs, num_grids, head_dcn, dcn_type)
+        self.mask_convs = _tower(in_channels, feat_channels, stacked_convs, "xy", head_dcn, dcn_type)
         self.conv_mask_list = nn.ModuleList(
             _init_normal(nn.Conv2d(feat_channels, S * S, 1), 0.01) for S in self.num_grids
         )
@@ -168,14 +187,14 @@ class DecoupledSOLOHead(_GridHead):
     """Decoupled SOLO: S x-maps and S y-maps per level; mask(i, j) = sigmoid(y_i)·sigmoid(x_j)."""
 
     def __init__(self, num_classes, in_channels=256, feat_channels=256, stacked_convs=7,
-                 num_grids=(40, 36, 24, 16, 12), light: bool = False):
-        super().__init__(num_classes, in_channels, feat_channels, stacked_convs, num_grids)
+                 num_grids=(40, 36, 24, 16, 12), light: bool = False, head_dcn="none", dcn_type="DCNv2"):
+        super().__init__(num_classes, in_channels, feat_channels, stacked_convs, num_grids, head_dcn, dcn_type)
         self.light = light
         if light:  # one shared tower that sees both coordinates
-            self.mask_convs = _tower(in_channels, feat_channels, stacked_convs, "xy")
+            self.mask_convs = _tower(in_channels, feat_channels, stacked_convs, "xy", head_dcn, dcn_type)
         else:
-            self.mask_convs_x = _tower(in_channels, feat_channels, stacked_convs, "x")
-            self.mask_convs_y = _tower(in_channels, feat_channels, stacked_convs, "y")
+            self.mask_convs_x = _tower(in_channels, feat_channels, stacked_convs, "x", head_dcn, dcn_type)
+            self.mask_convs_y = _tower(in_channels, feat_channels, stacked_convs, "y", head_dcn, dcn_type)
         self.conv_mask_list_x = nn.ModuleList(
             _init_normal(nn.Conv2d(feat_channels, S, 3, padding=1), 0.01) for S in self.num_grids)
         self.conv_mask_list_y = nn.ModuleList(
@@ -227,12 +246,13 @@ class DecoupledSOLOHead(_GridHead):
 class _MaskFeatLevel(nn.Module):
     """One level of SOLOv2's mask-feature branch: ``level`` × (conv, ×2 upsample), or one conv."""
 
-    def __init__(self, in_channels: int, feat_channels: int, level: int, coords: bool):
+    def __init__(self, in_channels: int, feat_channels: int, level: int, coords: bool, dcn: Optional[str] = None):
         super().__init__()
         n = max(level, 1)
         for j in range(n):
             cin = in_channels if j == 0 else feat_channels
-            self.add_module(f"conv{j}", ConvModule(cin, feat_channels, 3, coords="xy" if (coords and j == 0) else None))
+            self.add_module(f"conv{j}", ConvModule(cin, feat_channels, 3, coords="xy" if (coords and j == 0) else None,
+                                                   dcn=dcn))
         self.num_up = level
 
     def forward(self, x):
@@ -246,12 +266,13 @@ class _MaskFeatLevel(nn.Module):
 class MaskFeatModule(nn.Module):
     """SOLOv2's unified mask features: P2..P5 each brought to stride 4, summed, 1×1 conv to E."""
 
-    def __init__(self, in_channels=256, feat_channels=128, out_channels=256, num_levels=4):
+    def __init__(self, in_channels=256, feat_channels=128, out_channels=256, num_levels=4, dcn: Optional[str] = None):
         super().__init__()
         self.convs_all_levels = nn.ModuleList(
-            _MaskFeatLevel(in_channels, feat_channels, i, coords=(i == num_levels - 1)) for i in range(num_levels)
+            _MaskFeatLevel(in_channels, feat_channels, i, coords=(i == num_levels - 1), dcn=dcn)
+            for i in range(num_levels)
         )
-        self.conv_pred = ConvModule(feat_channels, out_channels, 1)
+        self.conv_pred = ConvModule(feat_channels, out_channels, 1, dcn=dcn)
 
     def forward(self, feats):
         total = self.convs_all_levels[0](feats[0])
@@ -264,10 +285,12 @@ class SOLOV2Head(_GridHead):
     """SOLOv2: dynamic 1×1 kernels per cell applied to unified stride-4 mask features."""
 
     def __init__(self, num_classes, in_channels=256, feat_channels=512, stacked_convs=4,
-                 num_grids=(40, 36, 24, 16, 12), mask_feat_channels=128, mask_out_channels=256):
-        super().__init__(num_classes, in_channels, feat_channels, stacked_convs, num_grids)
-        self.mask_feature_head = MaskFeatModule(in_channels, mask_feat_channels, mask_out_channels)
-        self.kernel_convs = _tower(in_channels, feat_channels, stacked_convs, "xy")
+                 num_grids=(40, 36, 24, 16, 12), mask_feat_channels=128, mask_out_channels=256,
+                 head_dcn="none", dcn_type="DCNv2", mask_feat_dcn: bool = False):
+        super().__init__(num_classes, in_channels, feat_channels, stacked_convs, num_grids, head_dcn, dcn_type)
+        self.mask_feature_head = MaskFeatModule(in_channels, mask_feat_channels, mask_out_channels,
+                                                dcn=dcn_type if mask_feat_dcn else None)
+        self.kernel_convs = _tower(in_channels, feat_channels, stacked_convs, "xy", head_dcn, dcn_type)
         self.conv_kernel = _init_normal(nn.Conv2d(feat_channels, mask_out_channels, 3, padding=1), None)
 
     def forward(self, feats):
@@ -303,8 +326,10 @@ class SOLOV2Head(_GridHead):
 
 
 def build_head(cfg: dict) -> nn.Module:
+    # Configs written before DCN (no head_dcn / dcn_type / mask_feat_dcn) have none.
     common = dict(num_classes=cfg["num_classes"], in_channels=cfg["fpn_channels"], feat_channels=cfg["feat_channels"],
-                  stacked_convs=cfg["stacked_convs"], num_grids=cfg["num_grids"])
+                  stacked_convs=cfg["stacked_convs"], num_grids=cfg["num_grids"],
+                  head_dcn=cfg.get("head_dcn", "none"), dcn_type=cfg.get("dcn_type", "DCNv2"))
     kind = cfg["head"]
     if kind == "solo":
         return SOLOHead(**common)
@@ -312,5 +337,5 @@ def build_head(cfg: dict) -> nn.Module:
         return DecoupledSOLOHead(**common, light=kind == "decoupled_light")
     if kind == "solov2":
         return SOLOV2Head(**common, mask_feat_channels=cfg["mask_feat_channels"],
-                          mask_out_channels=cfg["mask_out_channels"])
+                          mask_out_channels=cfg["mask_out_channels"], mask_feat_dcn=cfg.get("mask_feat_dcn", False))
     raise ValueError(f"head: expected 'solo', 'decoupled', 'decoupled_light' or 'solov2', got {kind!r}")

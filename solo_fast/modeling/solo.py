@@ -17,7 +17,7 @@ from .._checks import python_scalar
 from .._outputs import atomic_write, output_dir
 from ..results import SOLOResult, masks_to_boxes
 from . import configs
-from .backbone import ResNet
+from .backbone import build_backbone
 from .fpn import FPN
 from .heads import build_head
 from .images import load_images
@@ -124,7 +124,7 @@ class SOLO(nn.Module):
         self.pretrained: Optional[str] = None
         self.weights_path: Optional[str] = None
         self.load_report = None
-        self.backbone = ResNet(cfg["depth"], frozen_stages=cfg["frozen_stages"], norm_eval=cfg["norm_eval"])
+        self.backbone = build_backbone(cfg)
         self.neck = FPN(self.backbone.out_channels, cfg["fpn_channels"], num_outs=len(cfg["strides"]))
         self.mask_head = build_head(cfg)
         self.transform = InputTransform(cfg["min_size"], cfg["max_size"], cfg["size_divisor"],

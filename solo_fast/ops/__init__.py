@@ -12,6 +12,7 @@ dependency (the compiled extension, triton) and stays silent when it is absent.
 from ._cell_masks import cell_masks, cell_masks_are_dense
 from ._center_region import center_region_assign, center_region_assign_batch
 from ._coord_conv import coord_conv2d
+from ._deform_conv import deform_conv2d
 from ._dispatch import available_backends
 from ._mask_predict import mask_predict
 from ._matrix_nms import matrix_nms
@@ -23,6 +24,7 @@ __all__ = [
     "center_region_assign",
     "center_region_assign_batch",
     "coord_conv2d",
+    "deform_conv2d",
     "mask_predict",
     "cell_masks",
     "cell_masks_are_dense",

@@ -249,3 +249,92 @@ def cell_masks(
     soft = soft[0][cells]
     return soft if mask_thr is None else mask_stats(soft, mask_thr)
 
+
+
+# --------------------------------------------------------------------------------------
+# Modulated deformable convolution (DCNv2)
+# --------------------------------------------------------------------------------------
+def deform_sample_positions(
+    offset: torch.Tensor,
+    kernel_size: Tuple[int, int],
+    stride: Tuple[int, int],
+    padding: Tuple[int, int],
+    dilation: Tuple[int, int],
+    offset_groups: int,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(py, px) [B, G, KH*KW, Ho, Wo]: where tap (i, j) of output pixel (ho, wo) samples,
+    ``ho*sh - ph + i*dh + dy`` and ``wo*sw - pw + j*dw + dx`` with (dy, dx) the tap's pair of
+    ``offset`` [B, 2*G*KH*KW, Ho, Wo] (dy first)."""
+    b, _, ho, wo = offset.shape
+    kh, kw = kernel_size
+    off = offset.reshape(b, offset_groups, kh * kw, 2, ho, wo)
+    dev, dt = offset.device, offset.dtype
+    i = torch.arange(kh, device=dev, dtype=dt).repeat_interleave(kw) * dilation[0]  # [K]
+    j = torch.arange(kw, device=dev, dtype=dt).repeat(kh) * dilation[1]
+    oh = torch.arange(ho, device=dev, dtype=dt) * stride[0] - padding[0]  # [Ho]
+    ow = torch.arange(wo, device=dev, dtype=dt) * stride[1] - padding[1]  # [Wo]
+    py = off[:, :, :, 0] + i.view(kh * kw, 1, 1) + oh.view(1, ho, 1)
+    px = off[:, :, :, 1] + j.view(kh * kw, 1, 1) + ow.view(1, 1, wo)
+    return py, px
+
+
+def deform_bilinear(x: torch.Tensor, py: torch.Tensor, px: torch.Tensor, offset_groups: int) -> torch.Tensor:
+    """[B, C, K, Ho, Wo]: ``x`` [B, C, H, W] sampled bilinearly at ``py``/``px`` [B, G, K, Ho, Wo]
+    (channel c uses group c // (C / G)), mmcv's ``dmcn_im2col_bilinear`` border rule: a
+    sample with ``py <= -1``, ``py >= H``, ``px <= -1`` or ``px >= W`` is 0; otherwise each of
+    its four corners outside the image contributes 0."""
+    b, c, h, w = x.shape
+    g = offset_groups
+    _, _, k, ho, wo = py.shape
+    inside = (py > -1) & (py < h) & (px > -1) & (px < w)
+    y0 = torch.floor(py)
+    x0 = torch.floor(px)
+    ly, lx = py - y0, px - x0
+    hy, hx = 1 - ly, 1 - lx
+    y0i, x0i = y0.long(), x0.long()
+    xg = x.reshape(b, g, c // g, h * w)
+    out = x.new_zeros(b, g, c // g, k * ho * wo)
+    for dy, dx, wgt in ((0, 0, hy * hx), (0, 1, hy * lx), (1, 0, ly * hx), (1, 1, ly * lx)):
+        yy, xx = y0i + dy, x0i + dx
+        valid = inside & (yy >= 0) & (yy < h) & (xx >= 0) & (xx < w)
+        idx = (yy.clamp(0, h - 1) * w + xx.clamp(0, w - 1)).reshape(b, g, 1, k * ho * wo)
+        vals = xg.gather(3, idx.expand(b, g, c // g, k * ho * wo))
+        out = out + vals * (wgt * valid).reshape(b, g, 1, k * ho * wo)
+    return out.reshape(b, c, k, ho, wo)
+
+
+def deform_conv2d(
+    x: torch.Tensor,
+    offset: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    stride: Tuple[int, int] = (1, 1),
+    padding: Tuple[int, int] = (0, 0),
+    dilation: Tuple[int, int] = (1, 1),
+    groups: int = 1,
+    offset_groups: int = 1,
+) -> torch.Tensor:
+    """Modulated deformable convolution (DCNv2, mmcv's ``ModulatedDeformConv2d``): the
+    columns ``x`` sampled at the offset taps (:func:`deform_bilinear`) times ``mask``
+    [B, G*KH*KW, Ho, Wo] (None: ones, DCNv1), then one grouped matmul with ``weight``
+    [O, C/groups, KH, KW], plus ``bias``. fp16/bf16 are computed in fp32 and rounded once.
+    Differentiable in every input by autograd."""
+    dtype = x.dtype
+    acc = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    x, offset, weight = x.to(acc), offset.to(acc), weight.to(acc)
+    b, c, _, _ = x.shape
+    o, _, kh, kw = weight.shape
+    ho, wo = offset.shape[-2:]
+    py, px = deform_sample_positions(offset, (kh, kw), stride, padding, dilation, offset_groups)
+    cols = deform_bilinear(x, py, px, offset_groups)  # [B, C, K, Ho, Wo]
+    if mask is not None:
+        m = mask.to(acc).reshape(b, offset_groups, 1, kh * kw, ho, wo)
+        cols = (cols.reshape(b, offset_groups, c // offset_groups, kh * kw, ho, wo) * m).reshape(cols.shape)
+    cols = cols.reshape(b, groups, (c // groups) * kh * kw, ho * wo)
+    out = weight.reshape(1, groups, o // groups, (c // groups) * kh * kw) @ cols  # [B, groups, O/groups, L]
+    out = out.reshape(b, o, ho, wo)
+    if bias is not None:
+        out = out + bias.to(acc).view(1, o, 1, 1)
+    return out.to(dtype)
