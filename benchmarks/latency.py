@@ -4,12 +4,21 @@
     python benchmarks/latency.py --quick         # smaller inputs, fewer repeats
     python benchmarks/latency.py --ops matrix_nms,center_region_assign --device cpu
     python benchmarks/latency.py --ops e2e       # only the end-to-end model rows
+    python benchmarks/latency.py --ops e2e_inference --mmdet-python /work/.mmdet-venv/bin/python
 
 Each row is the median (and 20th/80th percentiles) of repeated runs after warm-up:
 CUDA events on a GPU, synchronised ``time.perf_counter`` on the CPU. The speed-up is
 against the reference row of the same case. A table goes to stdout and everything to a
 JSON file (``--json``). The ``preprocess`` rows time the input transform instead: the float
 path against the uint8 (OpenCV) path of a camera photo.
+
+The ``e2e_inference`` rows run ``predict`` on one 800x1333 photo: ``reference``, ``auto``
+(the fp32 fast path: on the CPU the channels-last network with BatchNorm folded) and
+``bf16`` (``precision="bf16"``), each fast row with its agreement with the reference.
+``--mmdet-python`` first runs ``mmdet_peer.py`` in that interpreter: mmdetection 3.3's
+``inference_detector`` on its own randomly initialised model of each config, whose
+checkpoint the solo_fast rows then load with ``SOLO.from_mmdet`` (same weights, same image,
+same thread count), and adds its row and an "x mmdetection" note to each solo_fast row.
 """
 from __future__ import annotations
 
@@ -172,37 +181,78 @@ def op_cases(device, quick: bool) -> List[Dict]:
             return lambda b: ops.coord_conv2d(x, wt, bias, coords=coords, coord_src_size=src, backend=b)
         cases.append(dict(op="coord_conv2d", label=f"{name} {c}->{o} {h}x{w}", make=make_cc,
                           flops=2 * b_ * o * (c + len(coords)) * 9 * h * w))
+
+    # DCNv2 3x3 convs of a DCN ResNet-50 at an 800x1344 input (half that with --quick):
+    # c4 (256 -> 256 at stride 16, stride 1) and c3's first block (128 -> 128, stride 2
+    # from the stride-4 map). Offsets ~N(0, 1) pixels, masks in (0, 1).
+    dcn_shapes = [("c4 3x3", 256, 256, ph // 16, pw // 16, 1), ("c3 3x3 s2", 128, 128, ph // 4, pw // 4, 2)]
+    for name, c, o, h, w, s in dcn_shapes:
+        ho, wo = (h - 1) // s + 1, (w - 1) // s + 1
+
+        def make_dcn(c=c, o=o, h=h, w=w, s=s, ho=ho, wo=wo):
+            g = torch.Generator().manual_seed(0)
+            x = torch.randn(1, c, h, w, generator=g).to(device)
+            off = torch.randn(1, 18, ho, wo, generator=g).to(device)
+            mask = torch.rand(1, 9, ho, wo, generator=g).to(device)
+            wt = (torch.randn(o, c, 3, 3, generator=g) * 0.02).to(device)
+            bias = torch.randn(o, generator=g).to(device)
+            return lambda b: ops.deform_conv2d(x, off, mask, wt, bias, stride=s, padding=1, backend=b)
+        cases.append(dict(op="deform_conv2d", label=f"{name} {c}->{o} {h}x{w}", make=make_dcn,
+                          flops=2 * o * c * 9 * ho * wo))
     return cases
 
 
 E2E_MODELS = ("solo_r50_fpn", "solov2_r50_fpn", "solov2_light_r18_fpn")
 
 
-def e2e_cases(device, quick: bool, models=E2E_MODELS) -> List[Dict]:
-    h, w = (416, 704) if quick else (800, 1344)
+def bench_image(h: int, w: int):
+    """A photo-like HWC uint8 RGB image (smooth gradients, shapes, noise; as
+    ``scripts/compare_mmdet.py`` draws them)."""
+    import numpy as np
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "scripts"))
+    from compare_mmdet import _canvas
+
+    return _canvas(h, w, np.random.RandomState(0))
+
+
+def _detections(results) -> List[Dict]:
+    return [{"scores": r.scores, "labels": r.labels, "masks": r.masks} for r in results]
+
+
+def e2e_cases(device, quick: bool, models=E2E_MODELS, peer: Optional[Dict] = None) -> List[Dict]:
+    """Whole models on one 800x1333 photo (each resized to its config's test size), and a
+    training step. ``peer``: what ``mmdet_peer.py`` wrote; then the inference rows load its
+    checkpoints with ``SOLO.from_mmdet`` and run on its image, as mmdetection did."""
+    h, w = (416, 704) if quick else (800, 1333)
+    size = dict(min_size=h, max_size=w) if quick else {}
     cases = []
     for name in models:
         def make_inf(name=name):
             torch.manual_seed(0)
-            model = solo_fast.SOLO(name, num_classes=80, min_size=h, max_size=w).to(device).eval()
-            with torch.no_grad():
-                # An untrained classifier scores everything at the 0.01 prior; let one class
-                # fire on every cell so that post-processing has hundreds of candidates
-                # (after point NMS), as a trained model has on a busy image.
-                model.mask_head.conv_cls.bias[0] = -1.0
-                # SOLO's 1x1 mask convs start at the focal prior (bias -4.6): every mask would
-                # be empty and post-processing would stop at the area filter. Non-empty masks
-                # take it through Matrix NMS and the final resize, as on a real image.
-                for conv in getattr(model.mask_head, "conv_mask_list", ()):
-                    conv.bias.zero_()
-                    conv.weight.mul_(30)
-            img = torch.rand(3, h, w, device=device)
+            if peer and name in peer["configs"]:
+                model = solo_fast.SOLO.from_mmdet(peer["configs"][name]["checkpoint"], name).to(device).eval()
+                img = peer["image"]
+            else:
+                model = solo_fast.SOLO(name, num_classes=80, **size).to(device).eval()
+                with torch.no_grad():
+                    # An untrained classifier scores everything at the 0.01 prior; let one class
+                    # fire on every cell so that post-processing has hundreds of candidates
+                    # (after point NMS), as a trained model has on a busy image.
+                    model.mask_head.conv_cls.bias[0] = -1.0
+                    # SOLO's 1x1 mask convs start at the focal prior (bias -4.6): every mask would
+                    # be empty and post-processing would stop at the area filter. Non-empty masks
+                    # take it through Matrix NMS and the final resize, as on a real image.
+                    for conv in getattr(model.mask_head, "conv_mask_list", ()):
+                        conv.bias.zero_()
+                        conv.weight.mul_(30)
+                img = bench_image(h, w)
 
             def run(b):
-                with solo_fast.use_backend("reference" if b == "reference" else "auto"), torch.no_grad():
-                    return model([img])
+                with solo_fast.use_backend("reference" if b == "reference" else "auto"):
+                    return _detections(model.predict(img, precision="bf16" if b == "bf16" else "fp32"))
             return run
-        cases.append(dict(op="e2e_inference", label=f"{name} {h}x{w}", make=make_inf))
+        cases.append(dict(op="e2e_inference", label=f"{name} {h}x{w}", make=make_inf, config=name))
 
         def make_train(name=name):
             torch.manual_seed(0)
@@ -216,8 +266,28 @@ def e2e_cases(device, quick: bool, models=E2E_MODELS) -> List[Dict]:
                     sum(losses.values()).backward()
                 model.zero_grad(set_to_none=True)
             return run
-        cases.append(dict(op="e2e_train_step", label=f"{name} {h}x{w}", make=make_train))
+        cases.append(dict(op="e2e_train_step", label=f"{name} {h}x{w}", make=make_train, config=name))
     return cases
+
+
+def run_peer(mmdet_python: str, models: List[str], quick: bool, repeats: int, workdir: str) -> Dict:
+    """Runs ``mmdet_peer.py`` in mmdetection's interpreter on the e2e image, before any
+    solo_fast row (the two never share the cores)."""
+    import subprocess
+
+    import cv2
+
+    h, w = (416, 704) if quick else (800, 1333)
+    os.makedirs(workdir, exist_ok=True)
+    image = os.path.join(workdir, f"photo_{h}x{w}.png")
+    cv2.imwrite(image, bench_image(h, w)[..., ::-1])  # RGB -> OpenCV's BGR
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mmdet_peer.py")
+    subprocess.run([mmdet_python, script, "--workdir", workdir, "--image", image, "--configs", *models,
+                    "--repeats", str(repeats), "--threads", str(torch.get_num_threads())], check=True)
+    with open(os.path.join(workdir, "peer.json")) as f:
+        peer = json.load(f)
+    peer["image"] = image
+    return peer
 
 
 PREPROCESS_PATHS = ("float", "uint8")
@@ -293,6 +363,8 @@ def allocator_settings() -> Dict[str, str]:
 def backends_for(case: Dict, device) -> List[str]:
     if case["op"] == "preprocess":
         return list(PREPROCESS_PATHS)
+    if case["op"] == "e2e_inference":  # "auto" is the fp32 fast path, "bf16" the opt-in precision
+        return ["reference", "auto", "bf16"]
     if case["op"].startswith("e2e"):
         return ["reference", "auto"]
     avail = ops.available_backends(case["op"], device)
@@ -308,7 +380,9 @@ def device_name(device: torch.device) -> str:
             model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
     except OSError:
         pass
-    return f"{model} ({os.cpu_count()} cores), {torch.get_num_threads()} torch threads"
+    from solo_fast import _cpu
+
+    return f"{model} [{_cpu.isa_summary()}] ({os.cpu_count()} cores), {torch.get_num_threads()} torch threads"
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -321,6 +395,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--models", default=",".join(E2E_MODELS), help="comma-separated configs of the e2e rows")
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--json", default="benchmarks/latency.json")
+    p.add_argument("--mmdet-python", help="python of an mmdetection 3.3 environment: adds its inference_detector "
+                                          "row to e2e_inference, on the same checkpoint and image (mmdet_peer.py)")
+    p.add_argument("--peer-workdir", default="benchmarks/peer", help="where the peer's checkpoints and image go")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -328,10 +405,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     wanted = set(args.ops.split(","))
     cases = [c for c in op_cases(device, args.quick) + preprocess_cases(device, args.quick)
              if "all" in wanted or c["op"] in wanted]
-    if wanted & {"all", "e2e", "e2e_inference", "e2e_train_step"}:
-        cases += [c for c in e2e_cases(device, args.quick, [m for m in args.models.split(",") if m])
-                  if wanted & {"all", "e2e", c["op"]}]
     repeats = args.repeats or (5 if args.quick else 20)
+    models = [m for m in args.models.split(",") if m]
+    peer = None
+    if args.mmdet_python and wanted & {"all", "e2e", "e2e_inference"}:
+        peer = run_peer(args.mmdet_python, models, args.quick, min(repeats, 5), args.peer_workdir)
+    if wanted & {"all", "e2e", "e2e_inference", "e2e_train_step"}:
+        cases += [c for c in e2e_cases(device, args.quick, models, peer) if wanted & {"all", "e2e", c["op"]}]
 
     try:
         import triton
@@ -341,7 +421,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     info = {"device": device_name(device), "torch": torch.__version__, "triton": triton_version,
             "solo_fast": solo_fast.__version__, "python": platform.python_version(),
             "date": time.strftime("%Y-%m-%d"), "quick": args.quick, "argv": sys.argv[1:],
-            "allocator": allocator_settings()}
+            "allocator": allocator_settings(), "mmdet_peer": peer and {k: v for k, v in peer.items()}}
     try:
         import subprocess
         info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -358,6 +438,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     for case in cases:
         run = case["make"]()
         ref_ms = None
+        peer_entry = peer and peer["configs"].get(case.get("config")) if case["op"] == "e2e_inference" else None
+        if peer_entry:
+            t = sorted(peer_entry["times_ms"])
+            q = lambda f: t[min(len(t) - 1, int(f * len(t)))]  # noqa: E731
+            rows.append({"op": case["op"], "case": case["label"], "backend": "mmdet", "median_ms": peer_entry["median_ms"],
+                         "times_ms": t, "detections": peer_entry["detections"]})
+            print(f"{case['op']:<22} {case['label']:<36} {'mmdet':<10} {peer_entry['median_ms']:>10.3f} "
+                  f"{q(0.2):>9.3f} {q(0.8):>9.3f} {'-':>9}  mmdetection {peer['mmdet']} inference_detector, "
+                  f"{peer_entry['detections']} detections, {len(t)} runs", flush=True)
         outputs = {}
         for backend in backends_for(case, device):
             heavy = case["op"].startswith("e2e")
@@ -381,6 +470,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             row = {"op": case["op"], "case": case["label"], "backend": backend, **stats,
                    "speedup": ref_ms / stats["median_ms"] if ref_ms else None,
                    "flops": case.get("flops"), "bytes": case.get("bytes")}
+            peer_ms = peer and peer["configs"].get(case.get("config"), {}).get("median_ms")
+            if case["op"] == "e2e_inference" and peer_ms:
+                notes.insert(0, f"{peer_ms / stats['median_ms']:.2f}x mmdetection")
+                row["vs_mmdet"] = peer_ms / stats["median_ms"]
             rows.append(row)
             sp = f"{row['speedup']:.2f}x" if row["speedup"] else "-"
             print(f"{case['op']:<22} {case['label']:<36} {backend:<10} {stats['median_ms']:>10.3f} "

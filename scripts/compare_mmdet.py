@@ -131,35 +131,45 @@ def _make_detecting(model, calib_path: str) -> None:
         head.conv_cls.bias.add_(float(np.log(SCORE_THR / (1 - SCORE_THR))) - float(kth) + 1e-3)
 
 
-def stage_mmdet(args) -> None:
+def build_mmdet_model(name: str, calib_path: str, checkpoint: str):
+    """mmdetection's model of solo_fast config ``name``, randomly initialised by mmdetection's
+    own initialisers (seeded), made to detect on ``calib_path`` and saved to ``checkpoint``
+    for ``SOLO.from_mmdet``. Runs in the mmdetection environment."""
     import logging
     import warnings
 
     import mmdet
-    from mmdet.apis import inference_detector, init_detector
+    from mmdet.apis import init_detector
     from mmdet.evaluation import get_classes
     from mmengine.config import Config
     from mmengine.logging import MMLogger
 
     MMLogger.get_current_instance().setLevel(logging.WARNING)  # init_weights logs every parameter
+    torch.manual_seed(SEED)
+    cfg = Config.fromfile(os.path.join(os.path.dirname(mmdet.__file__), ".mim", "configs", CONFIGS[name]))
+    cfg.model.backbone.init_cfg = None  # nothing can be downloaded
+    with warnings.catch_warnings(record=True):  # "checkpoint is None, use COCO classes": intended
+        model = init_detector(cfg, checkpoint=None, device="cpu")
+    warnings.filterwarnings("ignore", message="torch.meshgrid")  # mmdet's generate_coordinate
+    model.init_weights()  # mmdetection's own initialisers (init_detector leaves PyTorch's defaults)
+    model.eval()
+    _make_detecting(model, calib_path)
+    # Plain types only in meta: solo_fast loads with weights_only=True.
+    torch.save({"state_dict": model.state_dict(),
+                "meta": {"dataset_meta": {"classes": [str(c) for c in get_classes("coco")]}}}, checkpoint)
+    return model
+
+
+def stage_mmdet(args) -> None:
+    import mmdet
+    from mmdet.apis import inference_detector
 
     paths = write_images(args.workdir, args.images)
     manifest = {"images": {n: {"path": p, "stored_hw": IMAGES[n][:2], "kind": IMAGES[n][2]} for n, p in paths.items()},
                 "configs": {}, "mmdet": mmdet.__version__}
     for name in args.configs:
-        torch.manual_seed(SEED)
-        cfg = Config.fromfile(os.path.join(os.path.dirname(mmdet.__file__), ".mim", "configs", CONFIGS[name]))
-        cfg.model.backbone.init_cfg = None  # nothing can be downloaded
-        with warnings.catch_warnings(record=True):  # "checkpoint is None, use COCO classes": intended
-            model = init_detector(cfg, checkpoint=None, device="cpu")
-        warnings.filterwarnings("ignore", message="torch.meshgrid")  # mmdet's generate_coordinate
-        model.init_weights()  # mmdetection's own initialisers (init_detector leaves PyTorch's defaults)
-        model.eval()
-        _make_detecting(model, paths[args.images[0]])
         ckpt = os.path.join(args.workdir, f"{name}.pth")
-        # Plain types only in meta: solo_fast loads with weights_only=True.
-        torch.save({"state_dict": model.state_dict(),
-                    "meta": {"dataset_meta": {"classes": [str(c) for c in get_classes("coco")]}}}, ckpt)
+        model = build_mmdet_model(name, paths[args.images[0]], ckpt)
         entry = manifest["configs"][name] = {"mmdet_config": CONFIGS[name], "checkpoint": ckpt, "images": {}}
         inputs = []
         hook = model.backbone.register_forward_pre_hook(lambda m, a: inputs.append(a[0].detach().clone()))

@@ -250,13 +250,30 @@ def overfit_scene():
     return img, masks, torch.tensor([0, 1, 2])
 
 
-def train_on_overfit_scene(iters: int):
-    """solov2_light_r18 (small grids) trained ``iters`` SGD steps on :func:`overfit_scene`;
-    returns the model (in train mode) and the loss history."""
+def randomize_batchnorm(model, seed: int = 0) -> None:
+    """Running statistics and affine parameters of every BatchNorm drawn at random (a
+    fresh backbone has mean 0, variance 1, weight 1, bias 0: folding it would be exact)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                n = m.num_features
+                m.running_mean.copy_(torch.randn(n, generator=g) * 0.2)
+                m.running_var.copy_(torch.rand(n, generator=g) * 1.5 + 0.5)
+                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(n, generator=g) * 0.2)
+
+
+def train_on_overfit_scene(iters: int, config: str = "solov2_light_r18_fpn", batchnorm_seed=None):
+    """``config`` (small grids) trained ``iters`` SGD steps on :func:`overfit_scene`;
+    returns the model (in train mode) and the loss history. ``batchnorm_seed``: start from
+    :func:`randomize_batchnorm` statistics."""
     img, masks, labels = overfit_scene()
     torch.manual_seed(0)
-    model = solo_fast.SOLO("solov2_light_r18_fpn", num_classes=3, min_size=128, max_size=128, flip_prob=0.0,
+    model = solo_fast.SOLO(config, num_classes=3, min_size=128, max_size=128, flip_prob=0.0,
                            num_grids=(12, 10, 8, 6, 4))
+    if batchnorm_seed is not None:
+        randomize_batchnorm(model, batchnorm_seed)
     params = [p for p in model.parameters() if p.requires_grad]
     base_lr, warmup = 0.003, 20
     opt = torch.optim.SGD(params, lr=base_lr, momentum=0.9)
@@ -275,6 +292,62 @@ def train_on_overfit_scene(iters: int):
         opt.step()
         history.append(float(loss))
     return model, history
+
+
+def match_detections(ref, other):
+    """Greedy, in ``ref``'s score order: each detection of ``ref`` (a SOLOResult) to the
+    unmatched one of ``other`` with the same label and the highest mask IoU. Returns
+    {i: (j, iou)}."""
+    pairs, used = {}, set()
+    for i in range(len(ref)):
+        best, best_iou = None, -1.0
+        for j in range(len(other)):
+            if j in used or int(other.labels[j]) != int(ref.labels[i]):
+                continue
+            inter = float((ref.masks[i] & other.masks[j]).sum())
+            union = float((ref.masks[i] | other.masks[j]).sum())
+            iou = inter / union if union else 1.0
+            if iou > best_iou:
+                best, best_iou = j, iou
+        if best is not None:
+            used.add(best)
+            pairs[i] = (best, best_iou)
+    return pairs
+
+
+def assert_fp32_contract(ref, fast):
+    """The fp32 fast path's contract (issue 16): the same number of detections and labels,
+    each matched (by label and mask) detection's score within 1e-4 and mask IoU >= 0.999.
+
+    At test sizes a mask can have fewer than 1000 pixels, where one flipped pixel already
+    takes IoU below 0.999, and a pixel whose soft value is within fp32 rounding of
+    mask_thr flips under any other summation order: such a mask may differ in one pixel
+    (measured: 1-2 masks of 100 on random SOLOv2 weights, none on trained ones)."""
+    assert len(fast) == len(ref), (len(fast), len(ref))
+    assert sorted(fast.labels.tolist()) == sorted(ref.labels.tolist())
+    pairs = match_detections(ref, fast)
+    assert len(pairs) == len(ref)
+    for i, (j, iou) in pairs.items():
+        assert abs(float(fast.scores[j]) - float(ref.scores[i])) <= 1e-4, (i, float(ref.scores[i]), float(fast.scores[j]))
+        assert iou >= 0.999 or int((ref.masks[i] ^ fast.masks[j]).sum()) <= 1, (i, iou)
+
+
+def assert_low_precision_agrees(r32, rlow):
+    """bf16/fp16 against fp32 on a trained model: the same detections scoring >= 0.3 (by
+    label), matched masks with IoU >= 0.98 and >= 99 % equal pixels, scores within 0.02.
+    Returns the equal-pixel fractions."""
+    confident = [i for i in range(len(r32)) if float(r32.scores[i]) >= 0.3]
+    assert confident, "the briefly trained model should find the objects"
+    assert len([j for j in range(len(rlow)) if float(rlow.scores[j]) >= 0.3]) == len(confident)
+    pairs = match_detections(r32, rlow)
+    assert all(i in pairs for i in confident)
+    agree = [float((r32.masks[i] == rlow.masks[j]).float().mean()) for i, (j, _) in pairs.items()]
+    assert min(agree) >= 0.99, agree
+    for i in confident:
+        j, iou = pairs[i]
+        assert iou >= 0.98, (i, iou)
+        torch.testing.assert_close(rlow.scores[j], r32.scores[i], atol=0.02, rtol=0)
+    return agree
 
 
 # --------------------------------------------------------------------------------------

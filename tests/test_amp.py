@@ -18,7 +18,8 @@ import solo_fast
 from solo_fast import ops
 from solo_fast.ops import reference
 
-from helpers import FAST, available, overfit_scene, train_on_overfit_scene, two_box_scene
+from helpers import (FAST, assert_low_precision_agrees, available, overfit_scene, train_on_overfit_scene,
+                     two_box_scene)
 
 HALF = [torch.float16, torch.bfloat16]
 
@@ -122,26 +123,6 @@ def test_center_region_assign_half_boxes(backend, dtype):
 
 
 # ------------------------------------------------------------------------ the model
-def _match(ref, other):
-    """Greedy, in ``ref``'s score order: each detection of ``ref`` to the unmatched one of
-    ``other`` with the same label and the highest IoU. Returns [(i, j)]."""
-    pairs, used = [], set()
-    for i in range(len(ref)):
-        best, best_iou = None, -1.0
-        for j in range(len(other)):
-            if j in used or int(other.labels[j]) != int(ref.labels[i]):
-                continue
-            inter = float((ref.masks[i] & other.masks[j]).sum())
-            union = float((ref.masks[i] | other.masks[j]).sum())
-            iou = inter / union if union else 1.0
-            if iou > best_iou:
-                best, best_iou = j, iou
-        if best is not None:
-            used.add(best)
-            pairs.append((i, best))
-    return pairs
-
-
 @pytest.fixture(scope="module")
 def trained():
     """solov2_light_r18 briefly trained on the overfit scene (as test_overfit does)."""
@@ -150,29 +131,13 @@ def trained():
     return model.eval(), img
 
 
-def _compare(r32, rlow):
-    confident = [i for i in range(len(r32)) if float(r32.scores[i]) >= 0.3]
-    assert confident, "the briefly trained model should find the objects"
-    assert len([j for j in range(len(rlow)) if float(rlow.scores[j]) >= 0.3]) == len(confident)
-    pairs = dict(_match(r32, rlow))
-    assert all(i in pairs for i in confident)
-    agree = [float((r32.masks[i] == rlow.masks[j]).float().mean()) for i, j in pairs.items()]
-    assert min(agree) >= 0.99, agree  # measured >= 0.9996 (bf16, CPU)
-    for i in confident:
-        inter = float((r32.masks[i] & rlow.masks[pairs[i]]).sum())
-        union = float((r32.masks[i] | rlow.masks[pairs[i]]).sum())
-        assert inter / union >= 0.98, (i, inter / union)  # measured >= 0.996
-        torch.testing.assert_close(rlow.scores[pairs[i]], r32.scores[i], atol=0.02, rtol=0)
-    return agree
-
-
 def test_predict_bf16_autocast_matches_fp32(trained):
     model, img = trained
     r32 = model.predict(img)[0]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         r16 = model.predict(img)[0]
     assert r16.scores.dtype == torch.float32 and r16.masks.dtype == torch.bool
-    _compare(r32, r16)
+    assert_low_precision_agrees(r32, r16)
     # forward() in eval mode too
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model([img])[0]
@@ -202,6 +167,6 @@ def test_predict_cuda_autocast_matches_fp32(trained, dtype):
         r32 = model.predict(img)[0]
         with torch.autocast("cuda", dtype=dtype):
             rlow = model.predict(img)[0]
-        _compare(r32, rlow)
+        assert_low_precision_agrees(r32, rlow)
     finally:
         model.cpu()

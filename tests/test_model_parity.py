@@ -4,6 +4,8 @@ import torch
 
 import solo_fast
 
+from helpers import assert_fp32_contract, match_detections
+
 SMALL = dict(min_size=96, max_size=128, num_grids=(10, 8, 6, 4, 3), flip_prob=0.0)  # one deterministic loss
 
 
@@ -32,10 +34,10 @@ def test_fast_inference_equals_reference(name):
     fast = model.predict(imgs, **kw)
     for r, f in zip(ref, fast):
         assert len(r) > 0
-        assert torch.equal(r.labels, f.labels)
-        torch.testing.assert_close(f.scores, r.scores, rtol=1e-5, atol=1e-6)
+        assert_fp32_contract(r, f)
         # Soft masks agree to ~1e-6; a pixel within that of mask_thr may flip.
-        assert (r.masks == f.masks).float().mean() >= 0.9999
+        pairs = match_detections(r, f)
+        assert sum(int((r.masks[i] != f.masks[j]).sum()) for i, (j, _) in pairs.items()) <= 1e-4 * r.masks.numel()
 
 
 def test_fast_training_loss_equals_reference():

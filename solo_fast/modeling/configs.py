@@ -65,6 +65,7 @@ BASE: Dict[str, Any] = dict(
     nms_sigma=2.0,
     max_per_img=100,
     mask_chunk=512,  # candidate cells whose masks are computed at once (memory, not results)
+    precision="fp32",  # "bf16": the network under bf16 autocast (SOLO.predict)
     # losses
     focal_alpha=0.25,
     focal_gamma=2.0,
@@ -126,8 +127,9 @@ ARCH_KEYS = ("depth", "groups", "base_width", "dcn_type", "stage_with_dcn", "hea
 # Settings added after the first checkpoints were written: a saved config without them
 # has their defaults (a plain ResNet, no deformable convs).
 LATER_DEFAULTS = {k: BASE[k] for k in ("groups", "base_width", "dcn_type", "stage_with_dcn", "head_dcn",
-                                       "mask_feat_dcn")}
-TEST_KEYS = ("score_thr", "mask_thr", "nms_pre", "filter_thr", "max_per_img", "mask_chunk")
+                                       "mask_feat_dcn", "precision")}
+TEST_KEYS = ("score_thr", "mask_thr", "nms_pre", "filter_thr", "max_per_img", "mask_chunk", "precision")
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,6 +145,7 @@ class InferenceSettings:
     nms_sigma: float = 2.0
     max_per_img: int = 100
     mask_chunk: int = 512
+    precision: str = "fp32"
 
     def __post_init__(self):
         for key in ("score_thr", "mask_thr", "filter_thr"):
@@ -155,6 +158,8 @@ class InferenceSettings:
             raise ValueError(f"nms_kernel: expected 'gaussian' or 'linear', got {self.nms_kernel!r}")
         if not _is_number(self.nms_sigma) or self.nms_sigma <= 0:
             raise ValueError(f"nms_sigma: expected a positive number, got {self.nms_sigma!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision: expected one of {PRECISIONS}, got {self.precision!r}")
 
     @classmethod
     def from_config(cls, cfg: Dict[str, Any]) -> "InferenceSettings":

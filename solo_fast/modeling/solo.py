@@ -12,12 +12,13 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-from .. import ops
+from .. import _cpu, ops
 from .._checks import python_scalar
 from .._outputs import atomic_write, output_dir
 from ..results import SOLOResult, masks_to_boxes
 from . import configs
 from .backbone import build_backbone
+from .fast_network import FastNetworkCache, has_hooks
 from .fpn import FPN
 from .heads import build_head
 from .images import load_images
@@ -65,6 +66,30 @@ def _eval_mode(model: nn.Module):
                 del _EVAL_CALLS[id(model)]
                 for m, mode in entry[1]:  # the flags as they were (not train(), which re-derives them)
                     m.training = mode
+
+
+def _bf16_here(precision: str, device: torch.device) -> bool:
+    """Whether ``precision="bf16"`` runs in bf16 on ``device``. On a CPU without native
+    bf16 (AMX or AVX512-BF16) oneDNN emulates it, slower than fp32: a warning, and fp32."""
+    if precision != "bf16":
+        return False
+    if device.type == "cpu" and not _cpu.native_bf16():
+        warnings.warn("precision='bf16': this CPU has no native bf16 (AMX or AVX512-BF16), where bf16 "
+                      "convolutions are emulated and slower than fp32; running in fp32", stacklevel=4)
+        return False
+    return True
+
+
+def _precision(settings: configs.InferenceSettings, device: torch.device, fast_form: bool):
+    """The context inference runs in: bf16 autocast for ``precision="bf16"`` where the
+    network runs as published (post-processing's ops keep their fp32 arithmetic, as under
+    a user's autocast); nothing for fp32, under the caller's own autocast, or where the
+    network's fast CPU form runs, which makes its own bf16 copy (``extract``)."""
+    if torch.is_autocast_enabled(device.type) or fast_form:
+        return contextlib.nullcontext()
+    if not _bf16_here(settings.precision, device):
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def _check_per_class(values, num_classes: int, arg: str, kind: type) -> Optional[List]:
@@ -129,6 +154,9 @@ class SOLO(nn.Module):
         self.mask_head = build_head(cfg)
         self.transform = InputTransform(cfg["min_size"], cfg["max_size"], cfg["size_divisor"],
                                         train_min_size=cfg["train_min_size"], flip_prob=cfg["flip_prob"])
+        # The network's fast CPU form, built on first use (fast_network.py): a plain
+        # attribute, not a submodule, so that no folded weight reaches state_dict.
+        self._fast_network = FastNetworkCache()
         if backbone_weights is not None:
             from ..checkpoint.backbone import load_backbone
 
@@ -175,11 +203,27 @@ class SOLO(nn.Module):
         return [s // 2 for s in self.config.arch.strides]
 
     # ------------------------------------------------------------------ forward
-    def extract(self, batch: torch.Tensor):
+    def _fast_form(self, device: torch.device) -> bool:
+        """Whether inference on ``device`` runs the network's fast form (the backend's
+        choice, ``ops.network_form``; a hooked network runs as it is)."""
+        return ops.network_form(device) == "cpu" and not has_hooks([self.backbone, self.neck, self.mask_head])
+
+    def extract(self, batch: torch.Tensor, precision: str = "fp32"):
+        """The head's raw outputs for a padded, normalised batch. At inference (eval mode, no
+        autograd) on the CPU with the "auto"/"cpu" backend it runs the network's fast form
+        (channels-last, BatchNorm folded: ``fast_network.py``; with ``precision="bf16"`` its
+        bf16 copy unless the caller's autocast decides), else the modules as they are."""
         # The transform's output is fp32; a model cast with .half(), .bfloat16() or .double()
         # gets its own dtype (a no-op for fp32 weights, autocast included). Post-processing
         # takes the head's outputs in any float dtype and returns fp32 scores.
-        return self.mask_head(self.neck(self.backbone(batch.to(next(self.parameters()).dtype))))
+        batch = batch.to(next(self.parameters()).dtype)
+        if self.training or torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing():
+            self._fast_network.clear()  # training changes the weights: no stale copy kept meanwhile
+        elif self._fast_form(batch.device):
+            bf16 = not torch.is_autocast_enabled(batch.device.type) and _bf16_here(precision, batch.device)
+            return self._fast_network.get(self, [self.backbone, self.neck, self.mask_head],
+                                          torch.bfloat16 if bf16 else None)(batch)
+        return self.mask_head(self.neck(self.backbone(batch)))
 
     def forward(self, images, targets: Optional[Sequence[Dict[str, torch.Tensor]]] = None):
         """Train mode: ``{"loss_mask", "loss_cls"}``; eval mode: one dict per image with
@@ -193,11 +237,12 @@ class SOLO(nn.Module):
             return self._losses(images, self._check_targets(targets, images))
         # Post-processing thresholds and sorts: nothing in it is differentiable, and without
         # autograd recording the ops can take their fast paths.
-        with torch.no_grad():
+        settings = self.inference_settings()
+        with torch.no_grad(), _precision(settings, self.device, self._fast_form(self.device)):
             batch, metas = self.transform(images, device=self.device)
-            out = self.extract(batch)
+            out = self.extract(batch, settings.precision)
             _check_finite(out)
-            results = postprocess(self.mask_head, out, metas, self.inference_settings(), self.config.arch.strides)
+            results = postprocess(self.mask_head, out, metas, settings, self.config.arch.strides)
         for r in results:
             r["boxes"] = masks_to_boxes(r["masks"])
         return results
@@ -248,7 +293,8 @@ class SOLO(nn.Module):
         uint8 tensors or CHW float tensors in [0, 1]. Files, PIL images and uint8 inputs give
         mmdetection's network input bit for bit (decoded and resized with OpenCV); float
         tensors are resized in float on their device (see ``transform.py``). Keyword
-        overrides: score_thr, mask_thr, nms_pre, filter_thr, max_per_img.
+        overrides: score_thr, mask_thr, nms_pre, filter_thr, max_per_img, mask_chunk and
+        precision (``"bf16"``: the network under bf16 autocast where the hardware has it).
 
         Safe to call from several threads at once on one model: each call runs in eval mode,
         and the modules' train/eval modes are restored when the last call ends."""
@@ -258,10 +304,10 @@ class SOLO(nn.Module):
         settings = self.inference_settings(**overrides)
         inputs, arrays = load_images(images)
         results: List[SOLOResult] = []
-        with _eval_mode(self):
+        with _eval_mode(self), _precision(settings, self.device, self._fast_form(self.device)):
             for start in range(0, len(inputs), batch_size):
                 batch, metas = self.transform(inputs[start : start + batch_size], device=self.device)
-                out = self.extract(batch)
+                out = self.extract(batch, settings.precision)
                 _check_finite(out)
                 for r, arr in zip(postprocess(self.mask_head, out, metas, settings, self.config.arch.strides), arrays[start : start + batch_size]):
                     results.append(SOLOResult(r["masks"], r["scores"], r["labels"], masks_to_boxes(r["masks"]),

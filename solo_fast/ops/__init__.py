@@ -15,6 +15,7 @@ from ._coord_conv import coord_conv2d
 from ._deform_conv import deform_conv2d
 from ._dispatch import available_backends
 from ._mask_predict import mask_predict
+from ._network import network_form
 from ._matrix_nms import matrix_nms
 from .reference import Targets
 
@@ -29,4 +30,5 @@ __all__ = [
     "cell_masks",
     "cell_masks_are_dense",
     "available_backends",
+    "network_form",
 ]

@@ -186,9 +186,12 @@ def coord_conv2d_cpu(
 ) -> torch.Tensor:
     c = x.shape[1]
     out = F.conv2d(x, weight[:, :c], bias, padding=padding)
-    if not out.is_contiguous():  # channels_last input; the in-place update below needs [B*O, Ho, Wo] rows
-        out = out.contiguous()
     b, o, ho, wo = out.shape
+    # A channels-last output (the fast network's layout) stays channels-last: its [B, Ho,
+    # Wo * O] view takes the same term as a GEMM with the factors transposed.
+    nhwc = not out.is_contiguous() and out.is_contiguous(memory_format=torch.channels_last)
+    if not nhwc and not out.is_contiguous():
+        out = out.contiguous()
     xs, ys = coord_vectors(x.shape[2], x.shape[3], coord_src_size=coord_src_size, device=x.device, dtype=x.dtype)
     r, t = coord_factors(weight[:, c:], xs, ys, padding=padding, coords=coords, out_size=(ho, wo))
     # Under autocast the conv output is in the autocast dtype (bf16/fp16) while the
@@ -196,6 +199,10 @@ def coord_conv2d_cpu(
     # autocast: its factors are rounded to the output's dtype, as the reference's
     # autocast conv rounds the concatenated coordinate channels and the weight.
     r, t = r.to(out.dtype), t.to(out.dtype)
+    if nhwc:  # out[b, h, (w, o)] += sum_tap r[h, tap] * t[o, tap, w]
+        t = t.permute(1, 2, 0).reshape(1, r.shape[1], wo * o).expand(b, -1, -1)
+        out.permute(0, 2, 3, 1).view(b, ho, wo * o).baddbmm_(r.expand(b, ho, r.shape[1]), t)
+        return out
     if b > 1:
         t = t.repeat(b, 1, 1)
     # One in-place batched GEMM adds the term to the conv output: no [O, Ho, Wo] term
