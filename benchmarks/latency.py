@@ -398,6 +398,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--mmdet-python", help="python of an mmdetection 3.3 environment: adds its inference_detector "
                                           "row to e2e_inference, on the same checkpoint and image (mmdet_peer.py)")
     p.add_argument("--peer-workdir", default="benchmarks/peer", help="where the peer's checkpoints and image go")
+    p.add_argument("--reuse-peer", action="store_true", help="take the peer row, checkpoints and image from "
+                                                             "--peer-workdir (an earlier --mmdet-python run)")
+    p.add_argument("--keep-freed-memory", action="store_true",
+                   help="first call solo_fast._cpu.keep_freed_memory(), as solo-fast predict/eval do")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -408,8 +412,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     repeats = args.repeats or (5 if args.quick else 20)
     models = [m for m in args.models.split(",") if m]
     peer = None
-    if args.mmdet_python and wanted & {"all", "e2e", "e2e_inference"}:
+    if args.reuse_peer:
+        with open(os.path.join(args.peer_workdir, "peer.json")) as f:
+            peer = json.load(f)
+        h, w = (416, 704) if args.quick else (800, 1333)
+        peer["image"] = os.path.join(args.peer_workdir, f"photo_{h}x{w}.png")
+    elif args.mmdet_python and wanted & {"all", "e2e", "e2e_inference"}:
         peer = run_peer(args.mmdet_python, models, args.quick, min(repeats, 5), args.peer_workdir)
+    if args.keep_freed_memory:
+        from solo_fast import _cpu
+
+        if not _cpu.keep_freed_memory():
+            raise SystemExit("--keep-freed-memory: not possible here (not glibc)")
     if wanted & {"all", "e2e", "e2e_inference", "e2e_train_step"}:
         cases += [c for c in e2e_cases(device, args.quick, models, peer) if wanted & {"all", "e2e", c["op"]}]
 
@@ -421,7 +435,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     info = {"device": device_name(device), "torch": torch.__version__, "triton": triton_version,
             "solo_fast": solo_fast.__version__, "python": platform.python_version(),
             "date": time.strftime("%Y-%m-%d"), "quick": args.quick, "argv": sys.argv[1:],
-            "allocator": allocator_settings(), "mmdet_peer": peer and {k: v for k, v in peer.items()}}
+            "allocator": allocator_settings(), "keep_freed_memory": args.keep_freed_memory, "mmdet_peer": peer and {k: v for k, v in peer.items()}}
     try:
         import subprocess
         info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -430,7 +444,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         info["commit"] = None
     peak = next((v for k, v in GPU_PEAKS.items() if k in info["device"]), None) if device.type == "cuda" else None
     print(f"# {info['device']} | torch {info['torch']} | triton {triton_version} | commit {info['commit']} | {info['date']}"
-          f" | allocator env {info['allocator'] or 'default'}")
+          f" | allocator env {info['allocator'] or 'default'}"
+          f"{' | keep_freed_memory()' if args.keep_freed_memory else ''}")
     header = f"{'op':<22} {'case':<36} {'backend':<10} {'median ms':>10} {'p20':>9} {'p80':>9} {'speed-up':>9}  notes"
     print(header)
     print("-" * len(header))
