@@ -29,7 +29,7 @@ def _model(args):
     import solo_fast
 
     if args.checkpoint:
-        return solo_fast.SOLO.from_pretrained(args.checkpoint)
+        return _load_checkpoint(args.checkpoint)
     return solo_fast.SOLO(args.config, num_classes=args.num_classes)
 
 
@@ -203,12 +203,8 @@ def _load_checkpoint(path: str):
     import solo_fast
 
     _need_file(path, "--checkpoint", "checkpoint")
-    try:
+    with _flags(path="--checkpoint"):  # from_pretrained names a torn or foreign file as `path`
         return solo_fast.SOLO.from_pretrained(path)
-    except (ValueError, FileNotFoundError):
-        raise
-    except Exception as exc:  # safetensors' own error types: a torn or foreign file
-        raise ValueError(f"--checkpoint: {path!r} is not a readable solo_fast checkpoint ({exc})") from None
 
 
 def cmd_train(args) -> int:

@@ -259,3 +259,16 @@ def test_cli_errors_name_the_flag(tmp_path, capsys, ckpt):
     for args, flag in cases:
         rc, _, err = run(args, capsys)
         assert rc == 2 and f"error: {flag}: " in err and "Traceback" not in err, (args, err)
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage", b"\x08\x00\x00\x00\x00\x00\x00\x00{}"])
+def test_bad_checkpoint_is_named_by_its_flag(tmp_path, capsys, content):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(content)
+    img = tmp_path / "a.png"
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(img)
+    for argv in (["predict", str(img), "--checkpoint", str(bad), "--out", str(tmp_path / "p")],
+                 ["export", "--checkpoint", str(bad), "--height", "32", "--width", "32", "--out", str(tmp_path / "e")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "--checkpoint:" in err and "bad.safetensors" in err and "Traceback" not in err, err
