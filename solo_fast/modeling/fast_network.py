@@ -102,6 +102,19 @@ def _contiguous(out, dtype: torch.dtype):
     return out
 
 
+def _nchw_output(module, args, out):
+    return out.contiguous()
+
+
+def _leave_channels_last_early(part: nn.Module) -> None:
+    """SOLO's and Decoupled SOLO's mask towers end in a x2 upsample whose output, 4x the
+    tower's, goes to post-processing in NCHW: the tower's last layer hands on NCHW, so the
+    layout is converted before the upsample, not after (a quarter of the bytes)."""
+    for name, child in part.named_children():
+        if name in ("mask_convs", "mask_convs_x", "mask_convs_y") and isinstance(child, nn.ModuleList) and len(child):
+            child[-1].register_forward_hook(_nchw_output)
+
+
 class FastNetwork:
     """The copy of ``parts`` (backbone, neck, head) in the fast form, its weights in
     ``dtype`` (None: as they are); ``__call__(batch)`` gives what
@@ -116,6 +129,7 @@ class FastNetwork:
                 for param in p.parameters():
                     param.requires_grad_(False)
                 p.to(dtype=dtype, memory_format=torch.channels_last)
+                _leave_channels_last_early(p)
 
     def __call__(self, batch: torch.Tensor):
         x = batch.to(dtype=self.dtype or batch.dtype, memory_format=torch.channels_last)
