@@ -24,7 +24,7 @@ It is a separate copy of the backbone, neck and head that the model keeps outsid
 module tree: ``state_dict``, ``save_pretrained``, training and the reference path never
 see a folded weight. The copy is rebuilt when any parameter or buffer of the model is
 replaced or modified in place (an optimizer step, ``load_state_dict``, ``.to()``): each
-call compares the tensors' identities and version counters, a few microseconds.
+call compares the tensors' identities and version counters (well under a millisecond).
 
 The arithmetic is the same function up to fp32 rounding (folding rounds ``w * scale``;
 oneDNN sums in another order per layout): the contract is that of
