@@ -435,7 +435,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     info = {"device": device_name(device), "torch": torch.__version__, "triton": triton_version,
             "solo_fast": solo_fast.__version__, "python": platform.python_version(),
             "date": time.strftime("%Y-%m-%d"), "quick": args.quick, "argv": sys.argv[1:],
-            "allocator": allocator_settings(), "keep_freed_memory": args.keep_freed_memory, "mmdet_peer": peer and {k: v for k, v in peer.items()}}
+            "allocator": allocator_settings(), "keep_freed_memory": args.keep_freed_memory, "mmdet_peer": peer}
     try:
         import subprocess
         info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
