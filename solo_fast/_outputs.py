@@ -76,10 +76,16 @@ def atomic_write(path: str, arg: str = "path") -> Iterator[str]:
     The file gets the mode of any other output: 0o666 narrowed by the process's umask
     (``tempfile.mkstemp`` and safetensors' ``save_file`` make it 0o600). The temporary file
     has a name of its own, so that concurrent writers of one path do not write into each
-    other's file. A path that cannot be written (:func:`output_file`, its folder not
-    created) raises ValueError naming ``arg`` before anything is written."""
-    path = output_file(path, arg, create_folder=False)
+    other's file. A path that cannot be written (a folder, a missing or unwritable folder:
+    creating the temporary file is the write test) raises ValueError naming ``arg`` before
+    anything is written. An existing read-only file is replaced, as ``os.replace`` allows."""
+    path = _path(path, arg)
+    if os.path.isdir(path):
+        raise ValueError(f"{arg}: {path!r} is an existing folder, not a file")
     directory, name = os.path.split(os.path.abspath(path))
+    problem = _dir_problem(directory, create=False) if not os.path.isdir(directory) else None
+    if problem:
+        raise ValueError(f"{arg}: cannot write {path!r}: {problem}")
     tmp = os.path.join(directory, f".{name}.{uuid.uuid4().hex[:12]}.tmp")
     try:
         os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))

@@ -8,7 +8,7 @@ import os
 import sys
 from typing import Dict, List, Optional
 
-from ._outputs import output_dir, output_file
+from ._outputs import atomic_write, output_dir, output_file
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 DEFAULT_TRAIN_CONFIG = "solov2_light_r18_fpn"
@@ -120,8 +120,6 @@ def cmd_predict(args) -> int:
             image = decode_file(path, "inputs")  # what predict(path) decodes, so a bad file is told apart
         except (ValueError, FileNotFoundError) as exc:
             reason = str(exc)
-        except OSError as exc:  # e.g. no read permission
-            reason = f"inputs: cannot read {path!r} ({exc.strerror or exc})"
         else:
             reason = None
         if reason is not None:
@@ -136,7 +134,7 @@ def cmd_predict(args) -> int:
         with _flags(score_thr="--draw-thr"):
             r.draw(score_thr=args.draw_thr).save(overlay)
         coco += [dict(d, file_name=name) for d in r.to_coco(image_id)]
-    with open(os.path.join(args.out, "results.json"), "w") as f:
+    with atomic_write(os.path.join(args.out, "results.json"), "--out") as tmp, open(tmp, "w") as f:
         json.dump(coco, f)
     print(f"wrote {len(paths) - len(failed)} overlays and results.json to {args.out}")
     if failed:
@@ -160,7 +158,7 @@ def cmd_export(args) -> int:
             raise ValueError(f"--format {args.format}: ONNX export needs onnx and onnxscript "
                              "(pip install 'solo_fast[export]'), or use --format torch") from None
     output_dir(args.out, "--out")
-    model = _load_checkpoint(args.checkpoint) if args.checkpoint else _model(args)
+    model = _model(args)
     settings = {k: v for k, v in (("score_thr", args.score_thr), ("max_per_img", args.max_per_img)) if v is not None}
     program = export_program(model, (args.height, args.width), topk=args.topk, **settings)
     written = []

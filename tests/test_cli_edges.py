@@ -100,8 +100,8 @@ def test_output_checks(tmp_path):
         output_file(tmp_path, "out_json")
     with pytest.raises(ValueError, match="out_json: cannot write .*file/r.json': .*file' is an existing file"):
         output_file(a_file / "r.json", "out_json")
-    assert output_file(tmp_path / "sub" / "r.json", "p") and (tmp_path / "sub").is_dir()
-    assert not (tmp_path / "sub" / "r.json").exists()
+    assert output_file(tmp_path / "sub" / "r.json", "p") == str(tmp_path / "sub" / "r.json")
+    assert (tmp_path / "sub").is_dir() and not (tmp_path / "sub" / "r.json").exists()
     with pytest.raises(ValueError, match="x: expected a path"):
         output_dir("", "x")
 

@@ -42,10 +42,10 @@ PUBLISHED = {
     # name: (head, depth, groups, base_width, dcn type, tower DCN, mask-feature DCN, stacked, feat, E,
     #        scale ranges, (test short side, long side), train short sides, mmdetection config)
     "solov2_r101_dcn_fpn": ("solov2", 101, 1, 4, "DCNv2", "all", True, 4, 512, 256,
-                            configs.SCALE_RANGES, (800, 1333), (800, 768, 736, 704, 672, 640),
+                            ((1, 96), (48, 192), (96, 384), (192, 768), (384, 2048)), (800, 1333), (800, 768, 736, 704, 672, 640),
                             "solov2_r101-dcn_fpn_ms-3x_coco"),
     "solov2_x101_dcn_fpn": ("solov2", 101, 64, 4, "DCNv2", "all", True, 4, 512, 256,
-                            configs.SCALE_RANGES, (800, 1333), (800, 768, 736, 704, 672, 640),
+                            ((1, 96), (48, 192), (96, 384), (192, 768), (384, 2048)), (800, 1333), (800, 768, 736, 704, 672, 640),
                             "solov2_x101-dcn_fpn_ms-3x_coco"),
     "solov2_light_r50_dcn_fpn": ("solov2", 50, 1, 4, "DCNv2", "last", False, 3, 256, 128,
                                  LIGHT_RANGES, (448, 768), (512, 480, 448, 416, 384, 352),

@@ -246,12 +246,7 @@ class CocoDataset(torch.utils.data.Dataset):
         from ..modeling.images import decode_file
 
         path = os.path.join(self.img_dir, info["file_name"])
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"image id {info['id']}: image file not found: {path}")
-        try:
-            arr = decode_file(path, f"image id {info['id']}")
-        except ValueError:
-            raise ValueError(f"image id {info['id']}: cannot read {path} as an image (corrupt or not an image)") from None
+        arr = decode_file(path, f"image id {info['id']}")  # its errors name the file and say why
         if arr.shape[:2] != (info["height"], info["width"]):
             raise ValueError(f"image id {info['id']}: {path} is {arr.shape[0]}x{arr.shape[1]} (HxW), but the "
                              f"annotation file says {info['height']}x{info['width']}")

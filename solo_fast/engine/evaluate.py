@@ -10,7 +10,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from .._checks import is_int
-from .._outputs import output_file
+from .._outputs import atomic_write, output_file
 from ..data import collate
 from ..data.coco import evaluable_ground_truth
 from . import distributed as D
@@ -116,7 +116,7 @@ def evaluate(model, dataset, *, batch_size: int = 2, out_json: Optional[str] = N
     stats = None
     if rank == 0:
         if out_json:  # before COCOeval, so that the predictions survive anything it raises
-            with open(out_json, "w") as f:
+            with atomic_write(out_json, "out_json") as tmp, open(tmp, "w") as f:
                 json.dump(predictions, f)
         if verbose:
             print(f"evaluating {len(predictions)} predicted masks on {len(set(image_ids))} images")

@@ -117,8 +117,6 @@ CONFIGS["solov2_light_512_r50_dcn_fpn"] = {**BASE, **_SOLOV2_LIGHT_DCN, "dcn_typ
 # SOLO Light with DCNv1 in c3-c5 and in the last conv of each tower.
 CONFIGS["decoupled_solo_light_r50_dcn_fpn"] = {**BASE, **_FAMILIES["decoupled_solo_light"], "depth": 50,
                                                "stage_with_dcn": DCN_C3_C5, "head_dcn": "last", "dcn_type": "DCN"}
-DCN_CONFIGS = ("solov2_r101_dcn_fpn", "solov2_x101_dcn_fpn", "solov2_light_r50_dcn_fpn",
-               "solov2_light_512_r50_dcn_fpn", "decoupled_solo_light_r50_dcn_fpn")
 
 # Keys that describe the architecture; everything else is a run-time setting.
 ARCH_KEYS = ("depth", "groups", "base_width", "dcn_type", "stage_with_dcn", "head_dcn", "mask_feat_dcn",

@@ -27,7 +27,10 @@ def decode_file(path, name: str) -> np.ndarray:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{name}: no image file at {path!r}")
-    buf = np.fromfile(path, dtype=np.uint8)
+    try:
+        buf = np.fromfile(path, dtype=np.uint8)
+    except OSError as exc:  # e.g. no read permission
+        raise ValueError(f"{name}: cannot read {path!r} ({exc.strerror or exc})") from None
     try:
         img = cv2.imdecode(buf, cv2.IMREAD_COLOR) if buf.size else None
     except cv2.error as exc:

@@ -65,8 +65,10 @@ class DeformConv2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.conv_offset(x)
         if self.modulated:
-            o1, o2, m = torch.chunk(out, 3, dim=1)
-            offset, mask = torch.cat((o1, o2), dim=1), torch.sigmoid(m)
+            # mmcv's chunk(3) -> cat(o1, o2), sigmoid(m) is the first two thirds and the last
+            # third of the channels: views, not a copy.
+            k2 = out.shape[1] // 3 * 2
+            offset, mask = out[:, :k2], torch.sigmoid(out[:, k2:])
         else:
             offset, mask = out, None
         return ops.deform_conv2d(x, offset, mask, self.weight, self.bias, stride=self.stride, padding=self.padding,

@@ -43,7 +43,7 @@ import torch
 
 from .. import _backend, _checks, _ext
 from . import reference
-from ._dispatch import always, resolve
+from ._dispatch import always, autocast_off, resolve
 from ._triton_support import lazy_triton_op, opaque_under_interpreter
 
 OP = "deform_conv2d"
@@ -176,7 +176,6 @@ def deform_conv2d(
         x, offset, weight = x.to(dt), offset.to(dt), weight.to(dt)
         mask = None if mask is None else mask.to(dt)
         bias = None if bias is None else bias.to(dt)
-        ctx = torch.autocast(dev, enabled=False)
     else:
         for name, t in (("offset", offset), ("mask", mask), ("weight", weight), ("bias", bias)):
             if t is not None and t.dtype != x.dtype:
@@ -184,13 +183,10 @@ def deform_conv2d(
                     f"{name}: expected the dtype of x ({_checks.dtype_name(x.dtype)}) outside autocast, "
                     f"got {_checks.dtype_name(t.dtype)}"
                 )
-        ctx = None
     _, fn = resolve(OP, backend, dev)
-    kwargs = dict(stride=st, padding=pd, dilation=dl, groups=groups, offset_groups=offset_groups)
-    if ctx is None:
-        return fn(x, offset, mask, weight, bias, **kwargs)
-    with ctx:
-        return fn(x, offset, mask, weight, bias, **kwargs)
+    with autocast_off(dev):  # the inputs are in the autocast dtype already
+        return fn(x, offset, mask, weight, bias, stride=st, padding=pd, dilation=dl, groups=groups,
+                  offset_groups=offset_groups)
 
 
 _backend.register(OP, "reference", always)(reference.deform_conv2d)
