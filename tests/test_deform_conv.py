@@ -213,9 +213,15 @@ def test_cpu_small_chunks_and_threads(monkeypatch, threads):
         torch.set_num_threads(1)
 
 
+# More than one tile along the kernels' blocked dimensions (interpreter blocks 64/32/16):
+# 72 pixels, 33 input and 35 output channels per group, so program offsets, partial tiles
+# and multi-chunk accumulation run here too -- in the forward and data kernels on every
+# axis; the weight kernel's 64 output channels per program stay one tile.
+MULTI_TILE = (dict(b=1, c=66, h=9, w=8, o=70), kw_of(groups=2, offset_groups=3))
 # fp32 on the shapes that exercise the kernels' tiling and group logic, fp64 once (the
 # interpreter is slow).
-TRITON_CASES = [PARITY_CASES[i] + (torch.float32,) for i in (0, 3, 4, 5, 7)] + [PARITY_CASES[0] + (torch.float64,)]
+TRITON_CASES = ([PARITY_CASES[i] + (torch.float32,) for i in (0, 3, 4, 5, 7)] + [MULTI_TILE + (torch.float32,)]
+                + [PARITY_CASES[0] + (torch.float64,)])
 
 
 @pytest.mark.parametrize("device", triton_devices())
