@@ -38,6 +38,8 @@ def python_scalar(v):
     an ``int`` or a ``float``, never a tensor."""
     import numpy as np
 
+    if isinstance(v, (list, tuple)):  # list settings (num_grids, scale ranges, ...) element-wise
+        return type(v)(python_scalar(x) for x in v)
     if isinstance(v, (torch.Tensor, np.ndarray)):
         return v.item() if v.ndim == 0 else v
     if isinstance(v, np.generic):

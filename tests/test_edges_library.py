@@ -194,6 +194,12 @@ def test_settings_accept_any_real_number(image, tmp_path):
     m = tiny_model(score_thr=np.float64(0.2), max_per_img=np.int32(9))
     assert type(m.config.inference.score_thr) is float and type(m.config.inference.max_per_img) is int
     assert solo_fast.SOLO.from_pretrained(m.save_pretrained(str(tmp_path))).config == m.config
+    # Wherever settings enter: list settings element-wise, config.replace, get_config.
+    g = tiny_model(num_grids=[np.int64(v) for v in (6, 5, 4, 3, 2)])
+    assert g.config.arch.num_grids == (6, 5, 4, 3, 2) and all(type(v) is int for v in g.config.arch.num_grids)
+    assert type(m.config.replace(score_thr=np.float32(0.25)).inference.score_thr) is float
+    from solo_fast.modeling import configs
+    assert type(configs.get_config("solov2_light_r18_fpn", max_per_img=np.int64(3))["max_per_img"]) is int
 
 
 @pytest.mark.parametrize("key,value", [

@@ -7,7 +7,7 @@ import copy
 import dataclasses
 from typing import Any, Dict, Tuple
 
-from .._checks import is_int as _is_int, is_number as _is_number
+from .._checks import is_int as _is_int, is_number as _is_number, python_scalar
 
 SCALE_RANGES = ((1, 96), (48, 192), (96, 384), (192, 768), (384, 2048))
 SCALE_RANGES_DECOUPLED_LIGHT = ((1, 64), (32, 128), (64, 256), (128, 512), (256, 2048))
@@ -168,7 +168,7 @@ class InferenceSettings:
         for key in overrides:
             if key not in TEST_KEYS:
                 raise ValueError(f"{key}: not an inference setting; expected one of {TEST_KEYS}")
-        return dataclasses.replace(self, **overrides)
+        return dataclasses.replace(self, **{k: python_scalar(v) for k, v in overrides.items()})
 
 
 def get_config(name: str, **overrides: Any) -> Dict[str, Any]:
@@ -179,7 +179,7 @@ def get_config(name: str, **overrides: Any) -> Dict[str, Any]:
     for key, value in overrides.items():
         if key not in cfg:
             raise ValueError(f"{key}: not a setting of config {name!r}; known settings: {sorted(cfg)}")
-        cfg[key] = value
+        cfg[key] = python_scalar(value)  # numpy scalars, 0-d tensors: plain numbers before the checks
     if "min_size" in overrides and "train_min_size" not in overrides and _is_int(cfg["min_size"]):
         # A test scale of the user's own with no training scales given: train at it too,
         # rather than at the published scales of another input size.
@@ -353,5 +353,5 @@ class SOLOConfig:
         unknown = [k for k in settings if k not in BASE]
         if unknown:
             raise ValueError(f"{unknown[0]}: not a setting; known settings: {sorted(BASE)}")
-        return SOLOConfig.from_dict({**self.to_dict(), **settings})
+        return SOLOConfig.from_dict({**self.to_dict(), **{k: python_scalar(v) for k, v in settings.items()}})
 

@@ -137,7 +137,6 @@ class SOLO(nn.Module):
                  **overrides: Any):
         super().__init__()
         num_classes = python_scalar(num_classes)
-        overrides = {k: python_scalar(v) for k, v in overrides.items()}  # numpy / 0-d tensor settings
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes <= 0:
             raise ValueError(f"num_classes: expected a positive int, got {num_classes!r}")
         cfg = configs.get_config(config, **overrides)
@@ -285,7 +284,7 @@ class SOLO(nn.Module):
         filter_thr, max_per_img, mask_chunk) applied; a bad one raises ValueError naming it.
         Any real number is accepted (numpy scalars, 0-d tensors; integral ones for the int
         settings) and stored as a Python float or int; bools and NaN are refused."""
-        return self.config.inference.replace(**{k: python_scalar(v) for k, v in overrides.items()})
+        return self.config.inference.replace(**overrides)  # numpy / 0-d tensor values: plain numbers there
 
     @torch.no_grad()
     def predict(self, images, *, batch_size: int = 2, **overrides) -> List[SOLOResult]:
