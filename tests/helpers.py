@@ -351,6 +351,37 @@ def assert_low_precision_agrees(r32, rlow):
 
 
 # --------------------------------------------------------------------------------------
+# Synthetic checkpoints (test_from_mmdet.py, test_dcn_models.py): rows of
+# (solo_fast / mmdetection key, original SOLO repository key, shape)
+# --------------------------------------------------------------------------------------
+def convmodule_rows(mm, orig, cin, cout, k=3, offset_channels=0):
+    """A ConvModule with GroupNorm: conv without bias (with ``offset_channels``: a
+    deformable conv and its ``conv_offset``), then gn."""
+    rows = [(f"{mm}.conv.weight", f"{orig}.conv.weight", (cout, cin, k, k))]
+    if offset_channels:
+        rows += conv_rows(f"{mm}.conv.conv_offset", f"{orig}.conv.conv_offset", cin, offset_channels, k)
+    return rows + [(f"{mm}.gn.weight", f"{orig}.gn.weight", (cout,)), (f"{mm}.gn.bias", f"{orig}.gn.bias", (cout,))]
+
+
+def conv_rows(mm, orig, cin, cout, k):
+    return [(f"{mm}.weight", f"{orig}.weight", (cout, cin, k, k)), (f"{mm}.bias", f"{orig}.bias", (cout,))]
+
+
+def checkpoint_tensors(rows, seed=1, std=0.05):
+    """One random tensor per row (the same for both formats)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for mm, _, shape in rows:
+        if mm.endswith("num_batches_tracked"):
+            out[mm] = torch.tensor(1000, dtype=torch.long)
+        elif mm.endswith("running_var"):
+            out[mm] = torch.rand(shape, generator=g) + 0.5
+        else:
+            out[mm] = torch.randn(shape, generator=g) * std
+    return out
+
+
+# --------------------------------------------------------------------------------------
 # Tiny COCO-style shapes data and model (test_engine.py and its torchrun script)
 # --------------------------------------------------------------------------------------
 TINY_SIZE = 64

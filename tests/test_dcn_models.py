@@ -31,6 +31,8 @@ import solo_fast
 from solo_fast.modeling import configs
 from solo_fast.modeling.layers import ConvModule, DeformConv2d
 
+from helpers import checkpoint_tensors, conv_rows, convmodule_rows
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY = dict(min_size=64, max_size=64, num_grids=(6, 5, 4, 3, 2), flip_prob=0.0)
@@ -119,18 +121,13 @@ def _rows(name, num_classes=C, grids=TINY["num_grids"]):
         same(f"neck.fpn_convs.{i}.conv.weight", (256, 256, 3, 3))
         same(f"neck.fpn_convs.{i}.conv.bias", (256,))
 
+    och = (3 if dcn == "DCNv2" else 2) * 9  # offset (and mask) channels of a 3x3 DCN
+
     def convmodule(mm, orig, cin, cout, k=3, deform=False):
-        rows.append((f"{mm}.conv.weight", f"{orig}.conv.weight", (cout, cin, k, k)))
-        if deform:
-            och = (3 if dcn == "DCNv2" else 2) * k * k
-            rows.append((f"{mm}.conv.conv_offset.weight", f"{orig}.conv.conv_offset.weight", (och, cin, k, k)))
-            rows.append((f"{mm}.conv.conv_offset.bias", f"{orig}.conv.conv_offset.bias", (och,)))
-        rows.append((f"{mm}.gn.weight", f"{orig}.gn.weight", (cout,)))
-        rows.append((f"{mm}.gn.bias", f"{orig}.gn.bias", (cout,)))
+        rows.extend(convmodule_rows(mm, orig, cin, cout, k, offset_channels=(och // 9 * k * k) if deform else 0))
 
     def conv(mm, orig, cin, cout, k):
-        rows.append((f"{mm}.weight", f"{orig}.weight", (cout, cin, k, k)))
-        rows.append((f"{mm}.bias", f"{orig}.bias", (cout,)))
+        rows.extend(conv_rows(mm, orig, cin, cout, k))
 
     for i in range(n):
         deform = tower_dcn == "all" or i == n - 1
@@ -159,24 +156,11 @@ def _rows(name, num_classes=C, grids=TINY["num_grids"]):
     return rows
 
 
-def _tensors(rows, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for mm, _, shape in rows:
-        if mm.endswith("num_batches_tracked"):
-            out[mm] = torch.tensor(1000, dtype=torch.long)
-        elif mm.endswith("running_var"):
-            out[mm] = torch.rand(shape, generator=g) + 0.5
-        else:
-            out[mm] = torch.randn(shape, generator=g) * 0.02
-    return out
-
-
 def _checkpoint(tmp_path, name, layout):
     """(path, {mmdetection key: tensor}) of a synthetic checkpoint in ``layout`` ("mmdet" or
     "solo": the SOLO repository's names). Not cached: the x101 one is ~360 MB of tensors."""
     rows = _rows(name)
-    mm = _tensors(rows)
+    mm = checkpoint_tensors(rows, std=0.02)
     state = mm if layout == "mmdet" else {orig: mm[k] for k, orig, _ in rows}
     path = tmp_path / f"{name}-{layout}.pth"
     torch.save({"meta": {"CLASSES": [f"c{i}" for i in range(C)]}, "state_dict": state}, path)
@@ -387,7 +371,7 @@ def test_checkpoint_loads_every_tensor(tmp_path, name, layout):
 def test_old_offset_names_are_renamed(tmp_path):
     # mmcv's DCN before its version 2 named the offset conv "<conv>_offset" beside the conv.
     rows = _rows("solov2_light_512_r50_dcn_fpn")
-    mm = _tensors(rows)
+    mm = checkpoint_tensors(rows, std=0.02)
     old = {}
     for k, orig, _ in rows:
         old[orig.replace(".conv2.conv_offset.", ".conv2_offset.")] = mm[k]

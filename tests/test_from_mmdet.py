@@ -27,22 +27,13 @@ import torch
 
 import solo_fast
 
+from helpers import checkpoint_tensors, conv_rows, convmodule_rows
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 GRIDS = (40, 36, 24, 16, 12)
 C = 7  # foreground classes of the synthetic checkpoints
-
-
-def _convmodule(mm, orig, cin, cout, k=3):
-    """A ConvModule with GroupNorm: conv without bias, then gn."""
-    return [(f"{mm}.conv.weight", f"{orig}.conv.weight", (cout, cin, k, k)),
-            (f"{mm}.gn.weight", f"{orig}.gn.weight", (cout,)),
-            (f"{mm}.gn.bias", f"{orig}.gn.bias", (cout,))]
-
-
-def _conv(mm, orig, cin, cout, k):
-    return [(f"{mm}.weight", f"{orig}.weight", (cout, cin, k, k)), (f"{mm}.bias", f"{orig}.bias", (cout,))]
 
 
 def _resnet18_neck():
@@ -69,9 +60,9 @@ def _resnet18_neck():
                 bn(f"{p}.downsample.1", planes)
             cin = planes
     for i, c in enumerate((64, 128, 256, 512)):
-        rows += _conv(f"neck.lateral_convs.{i}.conv", f"neck.lateral_convs.{i}.conv", c, 256, 1)
+        rows += conv_rows(f"neck.lateral_convs.{i}.conv", f"neck.lateral_convs.{i}.conv", c, 256, 1)
     for i in range(4):
-        rows += _conv(f"neck.fpn_convs.{i}.conv", f"neck.fpn_convs.{i}.conv", 256, 256, 3)
+        rows += conv_rows(f"neck.fpn_convs.{i}.conv", f"neck.fpn_convs.{i}.conv", 256, 256, 3)
     return rows
 
 
@@ -81,41 +72,41 @@ def _head(config, grids=GRIDS):
     if config == "solo_r18_fpn":
         n, w = 7, 256
         for i in range(n):
-            rows += _convmodule(f"mask_head.mask_convs.{i}", f"bbox_head.ins_convs.{i}", 258 if i == 0 else w, w)
+            rows += convmodule_rows(f"mask_head.mask_convs.{i}", f"bbox_head.ins_convs.{i}", 258 if i == 0 else w, w)
         for l, S in enumerate(grids):
-            rows += _conv(f"mask_head.conv_mask_list.{l}", f"bbox_head.solo_ins_list.{l}", w, S * S, 1)
+            rows += conv_rows(f"mask_head.conv_mask_list.{l}", f"bbox_head.solo_ins_list.{l}", w, S * S, 1)
         cls = "bbox_head.solo_cate"
     elif config in ("decoupled_solo_r18_fpn", "decoupled_solo_light_r18_fpn"):
         light = "light" in config
         n, w = (4 if light else 7), 256
         for i in range(n):
             if light:
-                rows += _convmodule(f"mask_head.mask_convs.{i}", f"bbox_head.ins_convs.{i}", 258 if i == 0 else w, w)
+                rows += convmodule_rows(f"mask_head.mask_convs.{i}", f"bbox_head.ins_convs.{i}", 258 if i == 0 else w, w)
             else:
                 for a in "xy":
-                    rows += _convmodule(f"mask_head.mask_convs_{a}.{i}", f"bbox_head.ins_convs_{a}.{i}",
+                    rows += convmodule_rows(f"mask_head.mask_convs_{a}.{i}", f"bbox_head.ins_convs_{a}.{i}",
                                         257 if i == 0 else w, w)
         for l, S in enumerate(grids):
             for a in "xy":
-                rows += _conv(f"mask_head.conv_mask_list_{a}.{l}", f"bbox_head.dsolo_ins_list_{a}.{l}", w, S, 3)
+                rows += conv_rows(f"mask_head.conv_mask_list_{a}.{l}", f"bbox_head.dsolo_ins_list_{a}.{l}", w, S, 3)
         cls = "bbox_head.dsolo_cate"
     elif config == "solov2_light_r18_fpn":
         n, w, E, F = 2, 256, 128, 128
         for i in range(n):
-            rows += _convmodule(f"mask_head.kernel_convs.{i}", f"bbox_head.kernel_convs.{i}", 258 if i == 0 else w, w)
-        rows += _conv("mask_head.conv_kernel", "bbox_head.solo_kernel", w, E, 3)
+            rows += convmodule_rows(f"mask_head.kernel_convs.{i}", f"bbox_head.kernel_convs.{i}", 258 if i == 0 else w, w)
+        rows += conv_rows("mask_head.conv_kernel", "bbox_head.solo_kernel", w, E, 3)
         for lvl in range(4):
             for j in range(max(lvl, 1)):
                 cin = (258 if lvl == 3 else 256) if j == 0 else F
-                rows += _convmodule(f"mask_head.mask_feature_head.convs_all_levels.{lvl}.conv{j}",
+                rows += convmodule_rows(f"mask_head.mask_feature_head.convs_all_levels.{lvl}.conv{j}",
                                     f"mask_feat_head.convs_all_levels.{lvl}.conv{j}", cin, F)
-        rows += _convmodule("mask_head.mask_feature_head.conv_pred", "mask_feat_head.conv_pred.0", F, E, 1)
+        rows += convmodule_rows("mask_head.mask_feature_head.conv_pred", "mask_feat_head.conv_pred.0", F, E, 1)
         cls = "bbox_head.solo_cate"
     else:
         raise AssertionError(config)
     for i in range(n):
-        rows += _convmodule(f"mask_head.cls_convs.{i}", f"bbox_head.cate_convs.{i}", 256 if i == 0 else w, w)
-    rows += _conv("mask_head.conv_cls", cls, w, C, 3)  # C rows: no background row in either format
+        rows += convmodule_rows(f"mask_head.cls_convs.{i}", f"bbox_head.cate_convs.{i}", 256 if i == 0 else w, w)
+    rows += conv_rows("mask_head.conv_cls", cls, w, C, 3)  # C rows: no background row in either format
     return rows
 
 
@@ -123,24 +114,10 @@ def _table(config, grids=GRIDS):
     return _resnet18_neck() + _head(config, grids)
 
 
-def _tensors(rows, seed=1):
-    """One random tensor per row (the same for both formats)."""
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for mm, _, shape in rows:
-        if mm.endswith("num_batches_tracked"):
-            out[mm] = torch.tensor(1000, dtype=torch.long)
-        elif mm.endswith("running_var"):
-            out[mm] = torch.rand(shape, generator=g) + 0.5
-        else:
-            out[mm] = torch.randn(shape, generator=g) * 0.05
-    return out
-
-
 def _checkpoints(config, seed=1, grids=GRIDS):
     """(mmdet-named state dict, SOLO-repository-named state dict) with the same tensors."""
     rows = _table(config, grids)
-    values = _tensors(rows, seed)
+    values = checkpoint_tensors(rows, seed)
     return values, {orig: values[mm] for mm, orig, _ in rows}
 
 
