@@ -56,7 +56,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 
 from ..modeling import configs
-from ..modeling.backbone import ARCHS, Bottleneck, describe as describe_backbone
+from ..modeling.backbone import ARCHS, Bottleneck, describe as describe_backbone, stage_span
 
 # ---------------------------------------------------------------------------- key rules
 
@@ -478,10 +478,8 @@ def describe_dcn(dcn_type: Optional[str], stages: Sequence[bool], head: Optional
     """'deformable convolutions (DCNv2) in backbone stages c3-c5, every conv of the head's towers
     and the mask-feature branch', or 'no deformable convolutions'."""
     parts = []
-    on = [i + 2 for i, x in enumerate(stages) if x]
-    if on:
-        run = len(on) > 1 and on == list(range(on[0], on[-1] + 1))
-        parts.append("backbone stages " + (f"c{on[0]}-c{on[-1]}" if run else ",".join(f"c{i}" for i in on)))
+    if any(stages):
+        parts.append("backbone stages " + stage_span(stages))
     if head == "all":
         parts.append("every conv of the head's towers")
     elif head == "last":

@@ -89,15 +89,20 @@ def bottleneck_width(planes: int, groups: int = 1, base_width: int = 4) -> int:
     return planes if groups == 1 else (planes * base_width // 64) * groups
 
 
+def stage_span(stage_with_dcn: Sequence[bool]) -> str:
+    """The stages flagged in ``stage_with_dcn`` (C2..C5) for messages: 'c3-c5', 'c2,c4', ''."""
+    stages = [i + 2 for i, on in enumerate(stage_with_dcn) if on]
+    if len(stages) > 1 and stages == list(range(stages[0], stages[-1] + 1)):
+        return f"c{stages[0]}-c{stages[-1]}"
+    return ",".join(f"c{i}" for i in stages)
+
+
 def describe(depth: int, groups: int = 1, base_width: int = 4, stage_with_dcn: Sequence[bool] = NO_DCN,
              dcn_type: str = "DCNv2") -> str:
     """'ResNet-50', 'ResNeXt-101 64x4d', '... with DCNv2 in c3-c5' (for messages)."""
     name = f"ResNeXt-{depth} {groups}x{base_width}d" if groups > 1 else f"ResNet-{depth}"
-    stages = [i + 2 for i, on in enumerate(stage_with_dcn) if on]  # C2..C5
-    if stages:
-        run = len(stages) > 1 and stages == list(range(stages[0], stages[-1] + 1))
-        span = f"c{stages[0]}-c{stages[-1]}" if run else ",".join(f"c{i}" for i in stages)
-        name += f" with {dcn_type} in {span}"
+    if any(stage_with_dcn):
+        name += f" with {dcn_type} in {stage_span(stage_with_dcn)}"
     return name
 
 
