@@ -579,10 +579,10 @@ def check_architecture(ckpt: Checkpoint, cfg: dict) -> None:
                          f"{name!r} has a {HEAD_NAMES[cfg['head']]} head{_suggest(ckpt)}")
     _check_dcn(ckpt, cfg)
     depth, key, desc = _depth_of(ckpt.state)
-    groups = _groups_of(ckpt.state) or (cfg.get("groups", 1), cfg.get("base_width", 4))
-    ours = describe_backbone(cfg["depth"], cfg.get("groups", 1), cfg.get("base_width", 4))
+    groups = _groups_of(ckpt.state) or (cfg["groups"], cfg["base_width"])
+    ours = describe_backbone(cfg["depth"], cfg["groups"], cfg["base_width"])
     if depth is not None and (depth != cfg["depth"] or desc != ours):
-        if depth == cfg["depth"] and groups[0] != cfg.get("groups", 1):
+        if depth == cfg["depth"] and groups[0] != cfg["groups"]:
             key = "backbone.layer1.0.conv2.weight"  # the grouped conv that shows ResNeXt
         raise ValueError(f"config: {ckpt.path!r} has {desc} as backbone (key {ckpt.source[key]!r}), config "
                          f"{name!r} has {ours}{_suggest(ckpt)}")
@@ -596,8 +596,8 @@ def _check_dcn(ckpt: Checkpoint, cfg: dict) -> None:
     """ValueError when the checkpoint's deformable convs (or their type) are not the config's --
     before any other check, so a DCN checkpoint given the plain config says so first."""
     dcn = _dcn_of(ckpt.state)
-    want = dict(dcn_type=cfg.get("dcn_type", "DCNv2"), stages=tuple(cfg.get("stage_with_dcn", (False,) * 4)),
-                head=cfg.get("head_dcn", "none"), mask_feat=cfg.get("mask_feat_dcn", False))
+    want = dict(dcn_type=cfg["dcn_type"], stages=tuple(cfg["stage_with_dcn"]),
+                head=cfg["head_dcn"], mask_feat=cfg["mask_feat_dcn"])
     has_backbone = any(k.startswith("backbone.layer") for k in ckpt.state)
     has_head = any(k.startswith(_TOWERS) for k in ckpt.state)
     # Only what the checkpoint holds is compared (a head-only file says nothing of the backbone).

@@ -196,5 +196,5 @@ def build_backbone(cfg) -> ResNet:
     """The backbone of a config (:func:`solo_fast.modeling.configs.get_config`'s flat dict;
     settings it lacks, as in configs written before ResNeXt and DCN, take their defaults)."""
     return ResNet(cfg["depth"], frozen_stages=cfg["frozen_stages"], norm_eval=cfg["norm_eval"],
-                  groups=cfg.get("groups", 1), base_width=cfg.get("base_width", 4),
-                  stage_with_dcn=tuple(cfg.get("stage_with_dcn", NO_DCN)), dcn_type=cfg.get("dcn_type", "DCNv2"))
+                  groups=cfg["groups"], base_width=cfg["base_width"],
+                  stage_with_dcn=tuple(cfg["stage_with_dcn"]), dcn_type=cfg["dcn_type"])

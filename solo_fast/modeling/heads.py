@@ -329,7 +329,7 @@ def build_head(cfg: dict) -> nn.Module:
     # Configs written before DCN (no head_dcn / dcn_type / mask_feat_dcn) have none.
     common = dict(num_classes=cfg["num_classes"], in_channels=cfg["fpn_channels"], feat_channels=cfg["feat_channels"],
                   stacked_convs=cfg["stacked_convs"], num_grids=cfg["num_grids"],
-                  head_dcn=cfg.get("head_dcn", "none"), dcn_type=cfg.get("dcn_type", "DCNv2"))
+                  head_dcn=cfg["head_dcn"], dcn_type=cfg["dcn_type"])
     kind = cfg["head"]
     if kind == "solo":
         return SOLOHead(**common)
@@ -337,5 +337,5 @@ def build_head(cfg: dict) -> nn.Module:
         return DecoupledSOLOHead(**common, light=kind == "decoupled_light")
     if kind == "solov2":
         return SOLOV2Head(**common, mask_feat_channels=cfg["mask_feat_channels"],
-                          mask_out_channels=cfg["mask_out_channels"], mask_feat_dcn=cfg.get("mask_feat_dcn", False))
+                          mask_out_channels=cfg["mask_out_channels"], mask_feat_dcn=cfg["mask_feat_dcn"])
     raise ValueError(f"head: expected 'solo', 'decoupled', 'decoupled_light' or 'solov2', got {kind!r}")
