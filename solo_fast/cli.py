@@ -283,11 +283,11 @@ def cmd_eval(args) -> int:
     from solo_fast.engine import evaluate
     from solo_fast.engine.evaluate import format_stats
 
-    model = _load_checkpoint(args.checkpoint)
     _need_file(args.ann, "--ann", "annotation file")
     _need_dir(args.images, "--images")
     if args.out_json:
         output_file(args.out_json, "--out-json")
+    model = _load_checkpoint(args.checkpoint)
     from solo_fast.data import CocoDataset
 
     dataset = CocoDataset(args.ann, args.images)

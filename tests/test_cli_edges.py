@@ -131,8 +131,17 @@ def test_output_without_permission(tmp_path):
         locked.chmod(0o755)
 
 
-def test_cli_refuses_bad_outputs_before_the_work(tmp_path, capsys, ckpt):
+def test_cli_refuses_bad_outputs_before_the_work(tmp_path, capsys, ckpt, monkeypatch):
     ann, img_dir = write_split(str(tmp_path / "data"), n=1)
+    # "Before the work": reading the data or building a model would fail these runs first
+    # (the library's own output checks, which also name the flag, come after both).
+    import solo_fast.data
+
+    def no_work(*a, **k):
+        raise AssertionError("the work started before the output location was checked")
+    monkeypatch.setattr(solo_fast.data, "CocoDataset", no_work)
+    monkeypatch.setattr(solo_fast.SOLO, "from_pretrained", no_work)
+    monkeypatch.setattr(solo_fast.SOLO, "__init__", no_work)
     a_file = tmp_path / "file"
     a_file.write_text("x")
     cases = [
