@@ -36,12 +36,8 @@ namespace dc = deform_conv;
 using at::Tensor;
 
 // Elements of work below which a region stays on the calling thread (waking helpers on
-// a loaded machine can cost a scheduler slice, see cpu/parallel.h);
-// SOLO_FAST_CPU_PARALLEL_WORK overrides it (tests set 0 to run every region threaded).
-int64_t parallel_work() {
-  const char* env = std::getenv("SOLO_FAST_CPU_PARALLEL_WORK");
-  return env ? std::strtoll(env, nullptr, 10) : (int64_t{1} << 18);
-}
+// a loaded machine can cost a scheduler slice, see cpu/parallel.h).
+int64_t parallel_work() { return cpu::parallel_work(int64_t{1} << 18); }
 
 struct Geometry {
   int64_t b, c, h, w, o, kh, kw, k, ho, wo, l;

@@ -198,12 +198,7 @@ __attribute__((target("avx512f,avx512bw,popcnt"))) int64_t count_nonzero_avx512(
 // 0.2 ms torch gather with 2 threads on the loaded reference CPU), so a region goes
 // parallel only when its one-thread time is well above that: ~2**28 word operations (popcounts of
 // 64-bit words, bytes packed or counted) take ~30 ms on one core at AVX-512 speed.
-// SOLO_FAST_CPU_PARALLEL_WORK overrides the threshold (tests set 0 to run every region
-// on all threads).
-int64_t parallel_work() {
-  const char* env = std::getenv("SOLO_FAST_CPU_PARALLEL_WORK");
-  return env ? std::strtoll(env, nullptr, 10) : (int64_t{1} << 28);
-}
+int64_t parallel_work() { return cpu::parallel_work(int64_t{1} << 28); }
 
 Isa select_isa() {
   const char* env = std::getenv("SOLO_FAST_CPU_ISA");

@@ -14,12 +14,21 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
 #include <functional>
 #include <memory>
 #include <thread>
 
 namespace solo_fast {
 namespace cpu {
+
+// The work below which a kernel's region stays on the calling thread: ``default_work``
+// (each kernel's own, from its cost per item), or SOLO_FAST_CPU_PARALLEL_WORK (tests set 0
+// to run every region on all threads; read at each call, so a test can set it).
+inline int64_t parallel_work(int64_t default_work) {
+  const char* env = std::getenv("SOLO_FAST_CPU_PARALLEL_WORK");
+  return env ? std::strtoll(env, nullptr, 10) : default_work;
+}
 
 namespace detail {
 // Lives as long as the last helper: a helper may start after the call has returned, so
