@@ -240,31 +240,37 @@ def deform_conv2d_cpu(
     )
 
 
-def _setup_context(ctx, inputs, output):
-    x, offset, mask, weight, bias, stride, padding, dilation, groups, offset_groups, chunk = inputs
-    ctx.save_for_backward(x, offset, mask, weight)
-    ctx.args = (stride, padding, dilation, groups, offset_groups, chunk)
-    ctx.has_bias = bias is not None
+# What the C++ and the Triton ops share: both forwards take (x, offset, mask, weight, bias,
+# *geometry) and both backwards (grad, x, offset, mask, weight, *geometry) -> the four
+# input gradients (the bias gradient is a sum, here).
+def _autograd(backward_op):
+    """``(setup_context, backward)`` for a forward op whose backward op is ``backward_op``."""
+    def setup_context(ctx, inputs, output):
+        x, offset, mask, weight, bias, *geometry = inputs
+        ctx.save_for_backward(x, offset, mask, weight)
+        ctx.geometry, ctx.has_bias = geometry, bias is not None
+
+    def backward(ctx, grad):
+        gx, goff, gmask, gw = backward_op(grad, *ctx.saved_tensors, *ctx.geometry)
+        gb = grad.sum((0, 2, 3)) if ctx.has_bias and ctx.needs_input_grad[4] else None
+        return (gx, goff, gmask, gw, gb) + (None,) * len(ctx.geometry)
+
+    return setup_context, backward
 
 
-def _backward(ctx, grad):
-    x, offset, mask, weight = ctx.saved_tensors
-    gx, goff, gmask, gw = torch.ops.solo_fast.deform_conv2d_backward(grad, x, offset, mask, weight, *ctx.args)
-    gb = grad.sum((0, 2, 3)) if ctx.has_bias and ctx.needs_input_grad[4] else None
-    return gx, goff, gmask, gw, gb, None, None, None, None, None, None
+def _output_fake(x, offset, mask, weight, bias, *geometry):
+    return x.new_empty((x.shape[0], weight.shape[0], offset.shape[2], offset.shape[3]))
+
+
+def _grads_fake(grad, x, offset, mask, weight, *geometry):
+    return torch.empty_like(x), torch.empty_like(offset), torch.empty_like(mask), torch.empty_like(weight)
 
 
 if _cpp_loaded():
-
-    @torch.library.register_fake(_CPP_FWD)
-    def _forward_fake(x, offset, mask, weight, bias, stride, padding, dilation, groups, offset_groups, chunk):
-        return x.new_empty((x.shape[0], weight.shape[0], offset.shape[2], offset.shape[3]))
-
-    @torch.library.register_fake(_CPP_BWD)
-    def _backward_fake(grad, x, offset, mask, weight, stride, padding, dilation, groups, offset_groups, chunk):
-        return torch.empty_like(x), torch.empty_like(offset), torch.empty_like(mask), torch.empty_like(weight)
-
-    torch.library.register_autograd(_CPP_FWD, _backward, setup_context=_setup_context)
+    torch.library.register_fake(_CPP_FWD)(_output_fake)
+    torch.library.register_fake(_CPP_BWD)(_grads_fake)
+    _cpp_setup, _cpp_backward = _autograd(lambda *a: torch.ops.solo_fast.deform_conv2d_backward(*a))
+    torch.library.register_autograd(_CPP_FWD, _cpp_backward, setup_context=_cpp_setup)
 
 
 _backend.register(OP, "cpu", cpu_available)(deform_conv2d_cpu)
@@ -298,10 +304,7 @@ def _triton_op():
         return kern.launch_deform_conv2d_backward(grad, x, offset, mask, weight, stride, padding, dilation, groups,
                                                   offset_groups)
 
-    def backward_fake(grad, x, offset, mask, weight, stride, padding, dilation, groups, offset_groups):
-        return torch.empty_like(x), torch.empty_like(offset), torch.empty_like(mask), torch.empty_like(weight)
-
-    bwd = opaque_under_interpreter(deform_conv2d_triton_backward, backward_fake)
+    bwd = opaque_under_interpreter(deform_conv2d_triton_backward, _grads_fake)
 
     @triton_op("solo_fast::deform_conv2d_triton", mutates_args=())
     def deform_conv2d_triton(
@@ -319,23 +322,9 @@ def _triton_op():
         return kern.launch_deform_conv2d(x, offset, mask, weight, bias, stride, padding, dilation, groups,
                                          offset_groups)
 
-    def setup_context(ctx, inputs, output):
-        x, offset, mask, weight, bias, stride, padding, dilation, groups, offset_groups = inputs
-        ctx.save_for_backward(x, offset, mask, weight)
-        ctx.args = (stride, padding, dilation, groups, offset_groups)
-        ctx.has_bias = bias is not None
-
-    def backward(ctx, grad):
-        x, offset, mask, weight = ctx.saved_tensors
-        gx, goff, gmask, gw = bwd(grad, x, offset, mask, weight, *ctx.args)
-        gb = grad.sum((0, 2, 3)) if ctx.has_bias and ctx.needs_input_grad[4] else None
-        return gx, goff, gmask, gw, gb, None, None, None, None, None
-
-    def fake(x, offset, mask, weight, bias, stride, padding, dilation, groups, offset_groups):
-        return x.new_empty((x.shape[0], weight.shape[0], offset.shape[2], offset.shape[3]))
-
+    setup_context, backward = _autograd(bwd)
     deform_conv2d_triton.register_autograd(backward, setup_context=setup_context)
-    return opaque_under_interpreter(deform_conv2d_triton, fake)
+    return opaque_under_interpreter(deform_conv2d_triton, _output_fake)
 
 
 def deform_conv2d_triton(
