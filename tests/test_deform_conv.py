@@ -413,3 +413,12 @@ def test_cpu_forward_never_allocates_the_column_matrix():
     # (fp32 sums over K = 2304 in another order: atol relative to the outputs' scale)
     torch.testing.assert_close(y[:, :, 52:64, 72:84], crop[:, :, 2:14, 2:14], rtol=1e-5,
                                atol=1e-5 * crop.abs().max().item())
+
+
+def test_fp64_is_left_alone_under_autocast():
+    x, off, m, w, b = make(1, 4, 6, 7, 5)  # float64
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ops.deform_conv2d(x, off, m, w, b, padding=1)
+        conv = torch.nn.functional.conv2d(x, w, b, padding=1)
+    assert y.dtype == conv.dtype == torch.float64
+    torch.testing.assert_close(y, reference.deform_conv2d(x, off, m, w, b, padding=(1, 1)), atol=1e-12, rtol=0)

@@ -171,7 +171,7 @@ def deform_conv2d(
         )
     _checks.same_device(x=x, offset=offset, mask=mask, weight=weight, bias=bias)
     dev = x.device.type
-    if torch.is_autocast_enabled(dev):
+    if torch.is_autocast_enabled(dev) and x.dtype != torch.float64:  # autocast leaves fp64 alone, as F.conv2d's
         dt = torch.get_autocast_dtype(dev)
         x, offset, weight = x.to(dt), offset.to(dt), weight.to(dt)
         mask = None if mask is None else mask.to(dt)
