@@ -7,11 +7,13 @@ around fp32 arithmetic, which is slower than fp32 itself.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import functools
+import os
 import platform
-from typing import Dict, FrozenSet
+from typing import Dict, FrozenSet, Iterator
 
 import torch
 
@@ -90,3 +92,56 @@ def keep_freed_memory() -> bool:
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     # mallopt returns 1 on success; the trim threshold is an int: its largest value.
     return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+def _block_cache_ops():
+    """torch.ops.solo_fast's block-cache ops, or None (no compiled extension, or
+    ``SOLO_FAST_CPU_BLOCK_CACHE=0``)."""
+    if os.environ.get("SOLO_FAST_CPU_BLOCK_CACHE", "1") == "0":
+        return None
+    from . import _ext
+
+    if _ext.load() is None:
+        return None
+    return torch.ops.solo_fast
+
+
+@contextlib.contextmanager
+def block_cache() -> Iterator[bool]:
+    """Within this scope torch's CPU allocator keeps large freed blocks for the next
+    tensors of their size (``csrc/cpu/block_cache.cpp``): the fast inference path's
+    activations then reuse pages instead of faulting in fresh ones for every tensor and
+    every image. Only blocks allocated inside a scope are kept, never more than the most
+    that were in use at once; ``empty_cache()`` returns the idle ones to the OS. Yields
+    whether the cache is active (False without the compiled extension, with
+    ``SOLO_FAST_CPU_BLOCK_CACHE=0``, or when another allocator of higher priority is
+    installed). Scopes may nest and overlap across threads."""
+    ops = _block_cache_ops()
+    if ops is None:
+        yield False
+        return
+    active = ops.block_cache_enter()
+    try:
+        yield active
+    finally:
+        ops.block_cache_exit()
+
+
+def empty_cache() -> int:
+    """Returns the fast inference path's idle cached CPU blocks to the OS (as
+    ``torch.cuda.empty_cache()`` does for CUDA); the bytes freed."""
+    from . import _ext
+
+    if _ext.load() is None:
+        return 0
+    return int(torch.ops.solo_fast.block_cache_release())
+
+
+def cache_info() -> Dict[str, int]:
+    """The block cache's bytes in use / idle / peak in use, hits and misses."""
+    from . import _ext
+
+    keys = ("in_use", "idle", "peak_in_use", "hits", "misses", "open_scopes", "installed")
+    if _ext.load() is None:
+        return dict.fromkeys(keys, 0)
+    return dict(zip(keys, (int(v) for v in torch.ops.solo_fast.block_cache_stats())))

@@ -32,6 +32,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 
+from .. import _cpu
 from . import distributed as D
 from .._checks import is_int, is_number
 from .._outputs import atomic_write, output_dir
@@ -604,6 +605,7 @@ def _train(net, dataset, val_dataset, dev, a: TrainOptions, notes=()):
     def validate(entry: Dict[str, int]) -> None:
         stats = evaluate(net, val_dataset, batch_size=a.eval_batch_size or batch_size,
                          num_workers=a.num_workers, verbose=main)
+        _cpu.empty_cache()  # the fast inference path's idle blocks are no use to training
         if main:
             where = " ".join(f"{k} {v}" for k, v in entry.items())
             logger.info(f"{where} eval: {format_stats(stats)}")

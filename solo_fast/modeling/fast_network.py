@@ -11,7 +11,8 @@ per call:
 - every 4-D weight and the input are channels-last, so activations stay in it from the
   stem to the heads (GroupNorm, ReLU, upsampling and ``ops.coord_conv2d`` keep it);
 - the head's outputs are handed to post-processing contiguous (NCHW) and in fp32, as the
-  reference gives them.
+  reference gives them, except those the head lists in ``any_layout_outputs`` (SOLOv2's
+  mask features, which ``mask_predict`` reads as they are).
 
 A network with forward hooks (feature extraction, the tests' input probes) runs as it is:
 the hooks see the model's own modules.
@@ -92,11 +93,13 @@ def _state_key(model: nn.Module) -> Tuple:
     return tuple((id(t), t._version) for t in list(model.parameters()) + list(model.buffers()))
 
 
-def _contiguous(out, dtype: torch.dtype):
+def _contiguous(out, dtype: torch.dtype, any_layout: Tuple[str, ...] = ()):
+    """``out`` in ``dtype`` and contiguous, except the dict entries named in ``any_layout``
+    (the head's ``any_layout_outputs``), which keep their layout."""
     if isinstance(out, torch.Tensor):
         return out.to(dtype=dtype, memory_format=torch.contiguous_format)
     if isinstance(out, dict):
-        return {k: _contiguous(v, dtype) for k, v in out.items()}
+        return {k: v.to(dtype) if k in any_layout else _contiguous(v, dtype) for k, v in out.items()}
     if isinstance(out, (list, tuple)):
         return type(out)(_contiguous(v, dtype) for v in out)
     return out
@@ -136,7 +139,7 @@ class FastNetwork:
         with torch.autocast(batch.device.type, enabled=False):
             for part in self.parts:
                 x = part(x)
-        return _contiguous(x, batch.dtype)
+        return _contiguous(x, batch.dtype, getattr(self.parts[-1], "any_layout_outputs", ()))
 
 
 class FastNetworkCache:

@@ -92,6 +92,13 @@ def _precision(settings: configs.InferenceSettings, device: torch.device, fast_f
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
+def _memory(fast_form: bool):
+    """Where the network's fast CPU form runs, its tensors (and post-processing's) reuse
+    freed large blocks instead of faulting in fresh pages per tensor and per image
+    (``_cpu.block_cache``); the published path allocates as PyTorch does."""
+    return _cpu.block_cache() if fast_form else contextlib.nullcontext()
+
+
 def _check_per_class(values, num_classes: int, arg: str, kind: type) -> Optional[List]:
     """None, or a list of ``num_classes`` values of ``kind`` (class names, category ids)."""
     if values is None:
@@ -237,7 +244,8 @@ class SOLO(nn.Module):
         # Post-processing thresholds and sorts: nothing in it is differentiable, and without
         # autograd recording the ops can take their fast paths.
         settings = self.inference_settings()
-        with torch.no_grad(), _precision(settings, self.device, self._fast_form(self.device)):
+        fast_form = self._fast_form(self.device)
+        with torch.no_grad(), _precision(settings, self.device, fast_form), _memory(fast_form):
             batch, metas = self.transform(images, device=self.device)
             out = self.extract(batch, settings.precision)
             _check_finite(out)
@@ -303,7 +311,8 @@ class SOLO(nn.Module):
         settings = self.inference_settings(**overrides)
         inputs, arrays = load_images(images)
         results: List[SOLOResult] = []
-        with _eval_mode(self), _precision(settings, self.device, self._fast_form(self.device)):
+        fast_form = self._fast_form(self.device)
+        with _eval_mode(self), _precision(settings, self.device, fast_form), _memory(fast_form):
             for start in range(0, len(inputs), batch_size):
                 batch, metas = self.transform(inputs[start : start + batch_size], device=self.device)
                 out = self.extract(batch, settings.precision)
