@@ -25,7 +25,9 @@ _check_torch(torch.__version__)
 
 from ._backend import BackendUnavailableError, current_backend, use_backend  # noqa: E402
 from . import ops  # noqa: E402
+from ._cpu import empty_cache  # noqa: E402
 from .modeling import CONFIGS, SOLO  # noqa: E402
 from .results import SOLOResult  # noqa: E402
 
-__all__ = ["SOLO", "SOLOResult", "CONFIGS", "BackendUnavailableError", "current_backend", "use_backend", "ops", "__version__"]
+__all__ = ["SOLO", "SOLOResult", "CONFIGS", "BackendUnavailableError", "current_backend", "use_backend", "ops", "empty_cache",
+           "__version__"]

@@ -1,4 +1,8 @@
-"""What the CPU can do, and the process-wide allocator setting that CPU inference wants.
+"""What the CPU can do, and how CPU inference gets its memory.
+
+``block_cache()`` is the scope in which the fast inference path's tensors reuse freed
+large blocks (the library's own, bounded, see ``csrc/cpu/block_cache.cpp``);
+``keep_freed_memory()`` is the process-wide glibc setting the CLI makes.
 
 ``native_bf16()`` decides whether bf16 inference is worth it here: oneDNN runs bf16
 convolutions on AMX tiles (Sapphire Rapids and later) or with AVX512-BF16 dot products

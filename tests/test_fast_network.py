@@ -231,7 +231,9 @@ def test_keep_freed_memory_stops_page_faults_of_large_blocks():
         if sys.argv[1] == "keep":
             assert _cpu.keep_freed_memory()
             faults_of_one_block()
-        print(default, faults_of_one_block())
+        # The least of three: now and then one block still comes in fresh pages right after
+        # the switch (seen 3 times in 12 runs), the steady state never.
+        print(default, min(faults_of_one_block() for _ in range(3)))
     """)
     out = {}
     for mode in ("default", "keep"):
