@@ -38,7 +38,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 import solo_fast  # installed into the venv by ./quickstart.sh (pip install -e .)
-from solo_fast import ops
+from solo_fast import _cpu, ops
 
 # Dense tensor-core peaks (fp16 and int8 ops/s) and memory bandwidth (bytes/s), for the
 # "implied floor" column (SXM parts).
@@ -251,6 +251,7 @@ def e2e_cases(device, quick: bool, models=E2E_MODELS, peer: Optional[Dict] = Non
             def run(b):
                 with solo_fast.use_backend("reference" if b == "reference" else "auto"):
                     return _detections(model.predict(img, precision="bf16" if b == "bf16" else "fp32"))
+            run.conv_flops = network_conv_flops(model, img) if device.type == "cpu" else None
             return run
         cases.append(dict(op="e2e_inference", label=f"{name} {h}x{w}", make=make_inf, config=name))
 
@@ -374,15 +375,37 @@ def backends_for(case: Dict, device) -> List[str]:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
-    except OSError:
-        pass
-    from solo_fast import _cpu
+    return f"{_cpu.cpu_model()} [{_cpu.isa_summary()}] ({os.cpu_count()} cores), {torch.get_num_threads()} torch threads"
 
-    return f"{model} [{_cpu.isa_summary()}] ({os.cpu_count()} cores), {torch.get_num_threads()} torch threads"
+
+def cpu_conv_rate(dtype: torch.dtype) -> float:
+    """FLOP/s of the CPU's best convolution here: the channels-last 3x3 256->256 conv of the
+    FPN's stride-4 output at 800x1344 (the largest layer of every R50 model), best of 5."""
+    x = torch.randn(1, 256, 200, 336).to(dtype).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(256, 256, 3, 3).to(dtype).contiguous(memory_format=torch.channels_last)
+    best = float("inf")
+    with torch.no_grad():
+        for i in range(7):
+            t = time.perf_counter()
+            torch.nn.functional.conv2d(x, w, padding=1)
+            if i >= 2:
+                best = min(best, time.perf_counter() - t)
+    return 2 * 256 * 256 * 9 * 200 * 336 / best
+
+
+def network_conv_flops(model, image) -> int:
+    """FLOPs of the convolutions of ``model``'s network (backbone, FPN, head) on ``image``'s
+    padded input: every one of them runs whichever path runs the network."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from solo_fast.modeling.images import load_images
+
+    inputs, _ = load_images(image)
+    with torch.no_grad():
+        batch, _ = model.transform(inputs, device=next(model.parameters()).device)
+        with FlopCounterMode(display=False) as counter:
+            model.mask_head(model.neck(model.backbone(batch)))
+    return sum(v for k, v in counter.get_flop_counts()["Global"].items() if "convolution" in str(k))
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -420,8 +443,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     elif args.mmdet_python and wanted & {"all", "e2e", "e2e_inference"}:
         peer = run_peer(args.mmdet_python, models, args.quick, min(repeats, 5), args.peer_workdir)
     if args.keep_freed_memory:
-        from solo_fast import _cpu
-
         if not _cpu.keep_freed_memory():
             raise SystemExit("--keep-freed-memory: not possible here (not glibc)")
     if wanted & {"all", "e2e", "e2e_inference", "e2e_train_step"}:
@@ -443,6 +464,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     except OSError:
         info["commit"] = None
     peak = next((v for k, v in GPU_PEAKS.items() if k in info["device"]), None) if device.type == "cuda" else None
+    conv_rates = {}
+    if device.type == "cpu" and any(c["op"] == "e2e_inference" for c in cases):
+        conv_rates = {"fp32": cpu_conv_rate(torch.float32)}
+        if _cpu.native_bf16():
+            conv_rates["bf16"] = cpu_conv_rate(torch.bfloat16)
+        info["conv_rate_gflops"] = {k: v / 1e9 for k, v in conv_rates.items()}
+        print("# best conv here (channels-last 3x3 256->256 at 200x336): "
+              + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in conv_rates.items())
+              + "; an e2e row's 'conv floor' is its network's conv FLOPs at that rate")
     print(f"# {info['device']} | torch {info['torch']} | triton {triton_version} | commit {info['commit']} | {info['date']}"
           f" | allocator env {info['allocator'] or 'default'}"
           f"{' | keep_freed_memory()' if args.keep_freed_memory else ''}")
@@ -478,6 +508,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                 notes.append(f"{case['bytes'] / 1e6:.1f} MB min")
             if peak and ("flops" in case or "bytes" in case):
                 notes.append(f"floor {floor_ms(case, peak) * 1e3:.1f} us")
+            conv_flops = getattr(run, "conv_flops", None)
+            rate = conv_rates.get("bf16" if backend == "bf16" else "fp32")
+            if case["op"] == "e2e_inference" and conv_flops and rate and backend != "reference":
+                notes.append(f"{conv_flops / 1e9:.0f} GFLOP of convs: conv floor {conv_flops / rate * 1e3:.0f} ms")
+                stats = {**stats, "conv_gflop": conv_flops / 1e9, "conv_floor_ms": conv_flops / rate * 1e3}
             if case["op"] == "e2e_inference" and backend != "reference":
                 agreement = output_agreement(outputs["reference"], outputs[backend])
                 notes.append(describe_agreement(agreement))

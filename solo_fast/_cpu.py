@@ -43,7 +43,28 @@ def cpu_flags() -> FrozenSet[str]:
 
 
 def cpu_model() -> str:
-    return _cpuinfo().get("model name") or platform.processor() or platform.machine()
+    """The model name, with AMD's family and model where the name does not say the
+    generation ("AMD EPYC" is all some cloud machines report): "AMD EPYC (family 26 =
+    Zen 5, model 2)"."""
+    info = _cpuinfo()
+    name = info.get("model name") or platform.processor() or platform.machine()
+    family, model = info.get("cpu family"), info.get("model")
+    if info.get("vendor_id") == "AuthenticAMD" and family and model and family.isdigit() and model.isdigit():
+        zen = _amd_generation(int(family), int(model))
+        return f"{name} (family {family}{' = ' + zen if zen else ''}, model {model})"
+    return name
+
+
+def _amd_generation(family: int, model: int) -> str:
+    # AMD's family numbers: 0x17 Zen/Zen+/Zen 2, 0x19 Zen 3 (models 0x00-0x0f, 0x20-0x5f)
+    # and Zen 4 (0x10-0x1f, 0x60-0xaf), 0x1a Zen 5.
+    if family == 0x1A:
+        return "Zen 5"
+    if family == 0x19:
+        return "Zen 4" if 0x10 <= model <= 0x1F or 0x60 <= model <= 0xAF else "Zen 3"
+    if family == 0x17:
+        return "Zen/Zen 2"
+    return ""
 
 
 def bf16_isa() -> str:
