@@ -265,6 +265,24 @@ def test_cli_predict_takes_precision(tmp_path):
         main(["predict", str(tmp_path / "a.png"), "--checkpoint", ckpt, "--precision", "fp16"])
 
 
+@pytest.mark.parametrize("name", ["solov2_light_r18_fpn", "solo_r18_fpn"])
+def test_head_outputs_layout(name):
+    # Post-processing gets NCHW fp32 outputs, except what the head lists in
+    # any_layout_outputs (SOLOv2's mask features: channels-last, converted nowhere).
+    model = _random_model(name)
+    net = FastNetwork([model.backbone, model.neck, model.mask_head])
+    out = net(torch.rand(1, 3, 96, 128))
+    listed = getattr(model.mask_head, "any_layout_outputs", ())
+    assert listed == (("mask_feats",) if name.startswith("solov2") else ())
+    for key, value in out.items():
+        for t in value if isinstance(value, (list, tuple)) else [value]:
+            assert t.dtype == torch.float32
+            if key in listed:
+                assert t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+            else:
+                assert t.is_contiguous(), key
+
+
 def test_hooked_network_runs_as_it_is():
     model = _random_model("solov2_light_r18_fpn")
     seen = []

@@ -112,6 +112,23 @@ def test_cpu_model_sized():
         assert torch.equal(g, w)
 
 
+@pytest.mark.parametrize("shape", [(9, 32, 12, 20), (40, 256, 25, 42), (1, 7, 1, 1)])
+def test_cpu_channels_last_features(shape):
+    # The CPU fast network hands SOLOv2's mask features on channels-last (heads.py
+    # any_layout_outputs): a [E, H, W] slice whose [E, H*W] view is the transposed operand.
+    # Bit for bit the reference on the same tensor, and the same function as on a
+    # contiguous copy up to the GEMM's summation order.
+    f, k, b = make(*shape)
+    f_cl = f[None].contiguous(memory_format=torch.channels_last)[0]
+    assert not f_cl.is_contiguous() or shape[0] == 1
+    got = ops.mask_predict(f_cl, k, b, backend="cpu")
+    for g, w in zip(got, reference.mask_predict(f_cl, k, b)):
+        assert torch.equal(g, w)
+    soft, _, _, maskness = ops.mask_predict(f, k, b, backend="cpu")
+    assert torch.allclose(got[0], soft, atol=1e-6, rtol=0)
+    assert torch.allclose(got[3], maskness, atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize("device,backend", device_backends("mask_predict", among=("cpu", "triton")))
 def test_grad_falls_back_to_reference_graph(device, backend):
     f, k, b = on(device, *make(6, 8, 5, 7))
