@@ -71,6 +71,33 @@ def _flag_names(parser: argparse.ArgumentParser) -> Dict[str, str]:
     return {a.dest: max(a.option_strings, key=len) for a in parser._actions if a.option_strings}
 
 
+def _typed_flags(argv: Optional[List[str]]) -> set:
+    """The flags (their long names, ``--score-thr``) that ``argv`` gives, in any spelling
+    argparse takes (``--score-thr=0.5``, an abbreviation ``--score 0.5``): ``argv`` parsed
+    again with every option's default suppressed, so that only the options it names are set.
+    (Called after a parse of the same ``argv`` succeeded, so this one does too.)"""
+    parser = build_parser()
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices.values()
+    for sub in subs:
+        for action in sub._actions:
+            if action.option_strings:
+                action.default = argparse.SUPPRESS
+    given = vars(parser.parse_args(argv))
+    return {flag for sub in subs for dest, flag in _flag_names(sub).items() if dest in given}
+
+
+def _names_of_typed_flags(names: Dict[str, str], typed: set) -> Dict[str, str]:
+    """The entries of ``names`` (``{argument: "--flag"}``) whose flag the user typed.
+
+    Why only those: a library error names the argument it checked (``score_thr: ...``), but
+    the value checked need not come from the flag of that name. A sub-command passes a
+    flag's default only where the default is valid, so an error about an argument whose flag
+    was not typed is about a value from elsewhere (a checkpoint's saved config, a recipe, the
+    config's own defaults) and keeps the library's name rather than blaming a flag the user
+    never gave. An entry naming several flags (``"--height, --width"``) counts when one was."""
+    return {arg: flag for arg, flag in names.items() if any(f.strip() in typed for f in flag.split(","))}
+
+
 # Library arguments that a sub-command's flag of another name sets (the rest share the name).
 _RENAMED = {"train": {"out_dir": "--out", "norm_eval": "--live-bn"},
             "export": {"input_size": "--height, --width"}}
@@ -197,12 +224,30 @@ def _worker_error(exc: Exception) -> Exception:
     return exc
 
 
+def _need_checkpoint(path: str) -> None:
+    """A ``.safetensors`` file or a folder holding one as ``model.safetensors``: what
+    ``SOLO.from_pretrained`` loads (``save_pretrained`` writes either)."""
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "model.safetensors")):
+            raise FileNotFoundError(f"--checkpoint: no checkpoint at {path!r}: a folder needs the model.safetensors "
+                                    "that SOLO.save_pretrained writes")
+    else:
+        _need_file(path, "--checkpoint", "checkpoint")
+
+
 def _load_checkpoint(path: str):
     import solo_fast
 
-    _need_file(path, "--checkpoint", "checkpoint")
-    with _flags(path="--checkpoint"):  # from_pretrained names a torn or foreign file as `path`
+    _need_checkpoint(path)
+    try:
         return solo_fast.SOLO.from_pretrained(path)
+    except ValueError as exc:
+        arg, sep, rest = str(exc).partition(":")
+        if sep and arg == "path":  # from_pretrained names a torn or foreign file as `path`
+            raise ValueError("--checkpoint" + sep + rest) from None
+        # E.g. a setting of the checkpoint's saved config (``score_thr: expected ...``): the
+        # file is at fault, not a flag of that name (which main() would blame if it was typed).
+        raise ValueError(f"--checkpoint: {path!r} is refused: {exc}") from None
 
 
 def cmd_train(args) -> int:
@@ -389,7 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue from OUT/last_state.pt")
     t.set_defaults(func=cmd_train)
     e = sub.add_parser("eval", help="COCO mask AP of a checkpoint on a COCO-format dataset")
-    e.add_argument("--checkpoint", required=True, help="a .safetensors file written by training")
+    e.add_argument("--checkpoint", required=True,
+                   help="a .safetensors file written by training or SOLO.save_pretrained, or its folder")
     e.add_argument("--ann", required=True, help="COCO instances json")
     e.add_argument("--images", required=True, help="folder of the images")
     e.add_argument("--out-json", help="write the predictions (COCO results, RLE) here")
@@ -406,7 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
     q = sub.add_parser("predict", help="predict masks for images or folders of images")
     q.add_argument("inputs", nargs="+", help="image files and folders (their .png/.jpg/.jpeg/.bmp/.webp files)")
-    q.add_argument("--checkpoint", help="a .safetensors file written by SOLO.save_pretrained")
+    q.add_argument("--checkpoint",
+                   help="a .safetensors file written by SOLO.save_pretrained or training, or its folder")
     q.add_argument("--config", default="solov2_r50_fpn", help="config name when no checkpoint is given")
     q.add_argument("--num-classes", type=int, default=80)
     q.add_argument("--out", default="out/predict",
@@ -417,7 +464,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help=PRECISION_HELP)
     q.set_defaults(func=cmd_predict)
     x = sub.add_parser("export", help="export inference at a fixed input size: torch.export program and/or ONNX")
-    x.add_argument("--checkpoint", help="a .safetensors file written by SOLO.save_pretrained")
+    x.add_argument("--checkpoint",
+                   help="a .safetensors file written by SOLO.save_pretrained or training, or its folder")
     x.add_argument("--config", default="solov2_r50_fpn", help="config name when no checkpoint is given")
     x.add_argument("--num-classes", type=int, default=80)
     x.add_argument("--height", type=int, required=True, help="input image height (fixed in the export)")
@@ -438,7 +486,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as exc:
-        print(f"solo-fast {args.command}: error: {_name_the_flag(str(exc), args.flags)}", file=sys.stderr)
+        names = _names_of_typed_flags(args.flags, _typed_flags(argv))  # only flags the user gave
+        print(f"solo-fast {args.command}: error: {_name_the_flag(str(exc), names)}", file=sys.stderr)
         return 2
 
 

@@ -227,3 +227,20 @@ def test_predict_opens_a_scope_on_the_fast_path_only():
         assert not seen
     finally:
         _cpu.block_cache = real
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_child_forked_inside_a_scope_starts_outside_it():
+    # A DataLoader worker forked while predict runs in another thread: its cache has no
+    # open scope (its allocations go to the default allocator) and no held lock.
+    with _cpu.block_cache():
+        keep = torch.ones(1 << 20)
+        pid = os.fork()
+        if pid == 0:  # the child: report through the exit code only
+            torch.set_num_threads(1)  # as a DataLoader worker: OpenMP's threads are not forked
+            ok = _cpu.cache_info()["open_scopes"] == 0
+            t = torch.full((1 << 20,), 2.0)
+            ok = ok and float(t.sum()) == 2.0 * (1 << 20) and float(keep.sum()) == float(1 << 20)
+            os._exit(0 if ok else 1)
+        _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

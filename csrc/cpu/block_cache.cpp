@@ -39,6 +39,11 @@
 #include <list>
 #include <map>
 #include <mutex>
+#include <new>
+#if defined(__unix__) || defined(__APPLE__)
+#include <pthread.h>
+#define SOLO_FAST_HAVE_ATFORK 1
+#endif
 #include <vector>
 
 namespace solo_fast {
@@ -165,7 +170,13 @@ class BlockCache final : public c10::Allocator {
   }
 
   static BlockCache& get() {
-    static BlockCache* cache = new BlockCache();  // never destroyed (see the file comment)
+    static BlockCache* cache = [] {
+      auto* c = new BlockCache();  // never destroyed (see the file comment)
+#ifdef SOLO_FAST_HAVE_ATFORK
+      pthread_atfork(nullptr, nullptr, &BlockCache::after_fork_in_child);
+#endif
+      return c;
+    }();
     return *cache;
   }
 
@@ -197,6 +208,15 @@ class BlockCache final : public c10::Allocator {
     idle_lru_.erase(b->lru);
     idle_by_size_.erase(b->fit);
     idle_ -= b->size;
+  }
+
+  // A child process (a DataLoader worker) starts outside every scope, with a lock that no
+  // thread holds: the thread that held it at the fork does not exist there. Its idle
+  // blocks are its own copies, still usable.
+  static void after_fork_in_child() {
+    BlockCache& c = get();
+    new (&c.mu_) std::mutex();
+    c.scopes_ = 0;
   }
 
   static void free_blocks(const std::vector<Block*>& blocks) {

@@ -5,11 +5,11 @@ import contextlib
 import io
 import json
 import warnings
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .._checks import is_int
+from .._checks import is_int, python_scalar
 from .._outputs import atomic_write, output_file
 from ..data import collate
 from ..data.coco import evaluable_ground_truth
@@ -31,17 +31,18 @@ def _check_dataset(dataset) -> None:
 
 
 def coco_eval(coco_gt, predictions: List[dict], image_ids: Optional[Sequence[int]] = None,
-              verbose: bool = True) -> Dict[str, float]:
+              verbose: bool = True, *, _cleaned: Optional[Tuple[object, int, int]] = None) -> Dict[str, float]:
     """The 12 ``COCOeval`` segm stats of ``predictions`` (COCO result dicts with RLE
     ``segmentation``) against ``coco_gt``; no predictions at all gives AP 0, not an error.
 
     Ground-truth annotations with no polygon of 3 or more points (which ``CocoDataset``
     skips in training, and on which pycocotools fails) are left out, with a warning:
-    :func:`solo_fast.data.coco.evaluable_ground_truth`."""
+    :func:`solo_fast.data.coco.evaluable_ground_truth` (``_cleaned``: its result for
+    ``coco_gt``, where :func:`evaluate` has it from the dataset's cache)."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
-    coco_gt, dropped, trimmed = evaluable_ground_truth(coco_gt)
+    coco_gt, dropped, trimmed = _cleaned if _cleaned is not None else evaluable_ground_truth(coco_gt)
     if dropped or trimmed:
         warnings.warn(f"ground truth: {dropped} annotation(s) with no polygon of 3 or more points left out of the "
                       f"evaluation, {trimmed} evaluated without their polygons of fewer than 3 points "
@@ -65,6 +66,32 @@ def coco_eval(coco_gt, predictions: List[dict], image_ids: Optional[Sequence[int
     return {name: float(v) for name, v in zip(STAT_NAMES, ev.stats)}
 
 
+def _evaluable_ground_truth(dataset) -> Tuple[object, int, int]:
+    """:func:`evaluable_ground_truth` of ``dataset.coco``, computed once per dataset and kept
+    on it (``dataset._evaluable_gt``): training validates one dataset again and again, and
+    cleaning copies and re-indexes the ground truth. The cache is keyed on what it was made
+    from, by identity: the ``COCO`` object, its ``dataset`` dict, annotation list (and its
+    length) and its index (``anns``, rebuilt by every ``createIndex``); it is made afresh
+    when any of them changes (another ``coco``, another file loaded into it, annotations
+    added, the index rebuilt after an edit). A dataset that takes no attribute is cleaned
+    at every call."""
+    coco = dataset.coco
+    raw = getattr(coco, "dataset", None)
+    anns = raw.get("annotations") if isinstance(raw, dict) else None
+    source = (coco, raw, anns, getattr(coco, "anns", None))
+    size = len(anns) if isinstance(anns, list) else None
+    cached = getattr(dataset, "_evaluable_gt", None)
+    if (isinstance(cached, tuple) and len(cached) == 3 and cached[1] == size
+            and len(cached[0]) == len(source) and all(a is b for a, b in zip(cached[0], source))):
+        return cached[2]
+    cleaned = evaluable_ground_truth(coco)
+    try:
+        dataset._evaluable_gt = (source, size, cleaned)
+    except AttributeError:  # __slots__, a read-only proxy
+        pass
+    return cleaned
+
+
 def evaluate(model, dataset, *, batch_size: int = 2, out_json: Optional[str] = None, num_workers: int = 0,
              verbose: bool = True, progress: bool = True, **predict_kwargs) -> Dict[str, float]:
     """COCO segm stats (``AP``, ``AP50``, ``AP75``, ``APs``, ``APm``, ``APl``, ``AR1``, ``AR10``,
@@ -76,7 +103,10 @@ def evaluate(model, dataset, *, batch_size: int = 2, out_json: Optional[str] = N
     predictions are gathered before rank 0 runs COCOeval, prints the AP table and writes
     ``out_json`` (the COCO results, RLE) if given. Every rank returns the same stats.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+    # numpy integers and 0-d integer tensors as Python ints (as SOLO.predict takes them); bools,
+    # floats and 1-element tensors are still refused below.
+    batch_size, num_workers = python_scalar(batch_size), python_scalar(num_workers)
+    if not is_int(batch_size) or batch_size <= 0:
         raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
     if not is_int(num_workers) or num_workers < 0:
         raise ValueError(f"num_workers: expected a non-negative int, got {num_workers!r}")
@@ -120,7 +150,8 @@ def evaluate(model, dataset, *, batch_size: int = 2, out_json: Optional[str] = N
                 json.dump(predictions, f)
         if verbose:
             print(f"evaluating {len(predictions)} predicted masks on {len(set(image_ids))} images")
-        stats = coco_eval(dataset.coco, predictions, sorted(set(image_ids)), verbose=verbose)
+        stats = coco_eval(dataset.coco, predictions, sorted(set(image_ids)), verbose=verbose,
+                          _cleaned=_evaluable_ground_truth(dataset))  # cleaned once per dataset
     return D.broadcast_object(stats)
 
 

@@ -252,10 +252,12 @@ def check_values(cfg: Dict[str, Any]) -> None:
         fail("scale_ranges", "(lo, hi) pairs of numbers with 0 <= lo <= hi")
     if not _is_number(cfg["pos_scale"]) or not 0 <= cfg["pos_scale"] <= 1:
         fail("pos_scale", "a number in [0, 1]")
-    ints("train_min_size")
     for key in ("min_size", "max_size", "size_divisor"):
         if not _is_int(cfg[key]) or cfg[key] < 1:
             fail(key, "a positive int")
+    # After min_size: with min_size alone overridden, get_config trains at it (train_min_size =
+    # (min_size,)), so a bad min_size must be named as itself, not as the scales made from it.
+    ints("train_min_size")
     for key in ("focal_alpha", "flip_prob"):
         if not _is_number(cfg[key]) or not 0 <= cfg[key] <= 1:
             fail(key, "a number in [0, 1]")
