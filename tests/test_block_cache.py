@@ -2,7 +2,8 @@
 
 Once installed it is torch's CPU allocator for the rest of the process (so every test after
 the first fast-path predict runs on it, as a user's process does); these tests hold it to
-what the file comment promises: blocks reused inside scopes only, a bound on what it holds,
+what the file comment promises: blocks reused inside scopes only and kept only when freed
+inside one, a bound on what it holds,
 no page faults for a repeated size, oneDNN's raw allocations freed by the right hands,
 identical results with it and without it.
 """
@@ -73,10 +74,26 @@ def test_live_tensors_keep_their_values_while_blocks_are_recycled():
             del scratch
         for t, c in zip(keep, copies):
             assert torch.equal(t, c)
-        # A tensor made inside and freed outside goes back to the cache, unharmed meanwhile.
+        # A tensor made inside and kept past the scope is unharmed meanwhile.
         late = torch.arange(1_000_000, dtype=torch.float32)
     assert torch.equal(late, torch.arange(1_000_000, dtype=torch.float32))
     del late
+
+
+def test_a_block_freed_outside_every_scope_goes_back_to_the_os():
+    # What predict returns and the caller lets go later is not kept: the cache holds the
+    # network's working set, not results a caller once held.
+    _cpu.empty_cache()
+    with _cpu.block_cache():
+        result = torch.empty(16 * MB, dtype=torch.uint8)
+        scratch = torch.empty(16 * MB, dtype=torch.uint8)
+        del scratch  # freed inside: kept
+        assert _cpu.cache_info()["idle"] >= 16 * MB
+    held = _cpu.cache_info()
+    del result  # freed outside
+    after = _cpu.cache_info()
+    assert after["idle"] == held["idle"]
+    assert after["in_use"] == held["in_use"] - 16 * MB
 
 
 def test_what_it_holds_stays_under_twice_its_peak():
