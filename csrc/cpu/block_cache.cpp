@@ -107,10 +107,11 @@ class BlockCache final : public c10::Allocator {
       c10::profiledCPUMemoryReporter().New(b->ptr, b->size);
       return {b->ptr, b->ptr, &BlockCache::deleter, c10::Device(c10::DeviceType::CPU)};
     }
-    // A miss: make room under the peak, then a fresh block (allocated outside the lock).
-    const size_t peak = 2 * std::max(peak_in_use_, in_use_ + size);
+    // A miss: make room under the bound (twice the peak in use), then a fresh block
+    // (allocated outside the lock).
+    const size_t bound = 2 * std::max(peak_in_use_, in_use_ + size);
     std::vector<Block*> evicted;
-    while (!idle_lru_.empty() && in_use_ + idle_ + size > peak) {
+    while (!idle_lru_.empty() && in_use_ + idle_ + size > bound) {
       Block* b = idle_lru_.front();
       take_idle(b);
       live_.erase(b->ptr);
