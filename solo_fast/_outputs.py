@@ -52,14 +52,13 @@ def output_dir(path, arg: str) -> str:
     return path
 
 
-def output_file(path, arg: str, create_folder: bool = True) -> str:
+def output_file(path, arg: str) -> str:
     """Makes sure ``path`` can be written as a file: not a folder, its folder writable (and
-    created if missing, with ``create_folder``), an existing file writable. Returns it
-    (nothing is written there)."""
+    created if missing), an existing file writable. Returns it (nothing is written there)."""
     path = _path(path, arg)
     if os.path.isdir(path):
         raise ValueError(f"{arg}: {path!r} is an existing folder, not a file")
-    problem = _dir_problem(os.path.dirname(os.path.abspath(path)), create_folder)
+    problem = _dir_problem(os.path.dirname(os.path.abspath(path)))
     if problem is None and os.path.exists(path) and not os.access(path, os.W_OK):
         problem = "permission denied"
     if problem:
@@ -83,9 +82,8 @@ def atomic_write(path: str, arg: str = "path") -> Iterator[str]:
     if os.path.isdir(path):
         raise ValueError(f"{arg}: {path!r} is an existing folder, not a file")
     directory, name = os.path.split(os.path.abspath(path))
-    problem = _dir_problem(directory, create=False) if not os.path.isdir(directory) else None
-    if problem:
-        raise ValueError(f"{arg}: cannot write {path!r}: {problem}")
+    if not os.path.isdir(directory):
+        raise ValueError(f"{arg}: cannot write {path!r}: {_dir_problem(directory, create=False)}")
     tmp = os.path.join(directory, f".{name}.{uuid.uuid4().hex[:12]}.tmp")
     try:
         os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))

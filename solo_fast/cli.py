@@ -8,21 +8,13 @@ import os
 import sys
 from typing import Dict, List, Optional
 
+from ._cpu import keep_freed_memory
 from ._outputs import atomic_write, output_dir, output_file
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 DEFAULT_TRAIN_CONFIG = "solov2_light_r18_fpn"
 PRECISION_HELP = ("bf16: the network under bf16 autocast, where the CPU has AMX or AVX512-BF16 (or on a GPU); "
                   "masks agree with fp32 on >= 99%% of pixels")
-
-
-def _keep_freed_memory() -> None:
-    """Inference in this process keeps freed memory (solo_fast._cpu.keep_freed_memory):
-    each image's activations then reuse the previous image's pages instead of faulting
-    in fresh ones. The CLI owns its process; a library leaves this to the application."""
-    from ._cpu import keep_freed_memory
-
-    keep_freed_memory()
 
 
 def _model(args):
@@ -137,7 +129,7 @@ def cmd_predict(args) -> int:
 
     paths = _collect_images(args.inputs)
     output_dir(args.out, "--out")
-    _keep_freed_memory()
+    keep_freed_memory()  # the CLI owns its process (README "CPU performance")
     model = _model(args)
     coco, failed = [], []
     # image_id: the file's position in the input list, so ids stay unique and fixed when a file fails.
@@ -146,12 +138,8 @@ def cmd_predict(args) -> int:
         try:
             image = decode_file(path, "inputs")  # what predict(path) decodes, so a bad file is told apart
         except (ValueError, FileNotFoundError) as exc:
-            reason = str(exc)
-        else:
-            reason = None
-        if reason is not None:
             # One unreadable file must not cost the others' results: skip it, say so, fail at the end.
-            tqdm.write(f"solo-fast predict: warning: {reason}; skipped", file=sys.stderr)
+            tqdm.write(f"solo-fast predict: warning: {exc}; skipped", file=sys.stderr)
             failed.append(path)
             continue
         r = model.predict(image, score_thr=args.score_thr, precision=args.precision)[0]
@@ -242,12 +230,10 @@ def _load_checkpoint(path: str):
     try:
         return solo_fast.SOLO.from_pretrained(path)
     except ValueError as exc:
-        arg, sep, rest = str(exc).partition(":")
-        if sep and arg == "path":  # from_pretrained names a torn or foreign file as `path`
-            raise ValueError("--checkpoint" + sep + rest) from None
-        # E.g. a setting of the checkpoint's saved config (``score_thr: expected ...``): the
+        msg = _name_the_flag(str(exc), {"path": "--checkpoint"})  # a torn or foreign file is `path`
+        # Else e.g. a setting of the checkpoint's saved config (``score_thr: expected ...``): the
         # file is at fault, not a flag of that name (which main() would blame if it was typed).
-        raise ValueError(f"--checkpoint: {path!r} is refused: {exc}") from None
+        raise ValueError(msg if msg != str(exc) else f"--checkpoint: {path!r} is refused: {exc}") from None
 
 
 def cmd_train(args) -> int:
@@ -351,7 +337,7 @@ def cmd_eval(args) -> int:
     ok = False
     try:
         model.to(dev)
-        _keep_freed_memory()
+        keep_freed_memory()  # the CLI owns its process (README "CPU performance")
         kw = {"score_thr": args.score_thr} if args.score_thr is not None else {}
         kw["precision"] = args.precision
         stats = evaluate(model, dataset, batch_size=args.batch_size, out_json=args.out_json,

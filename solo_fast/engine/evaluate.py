@@ -67,28 +67,14 @@ def coco_eval(coco_gt, predictions: List[dict], image_ids: Optional[Sequence[int
 
 
 def _evaluable_ground_truth(dataset) -> Tuple[object, int, int]:
-    """:func:`evaluable_ground_truth` of ``dataset.coco``, computed once per dataset and kept
-    on it (``dataset._evaluable_gt``): training validates one dataset again and again, and
-    cleaning copies and re-indexes the ground truth. The cache is keyed on what it was made
-    from, by identity: the ``COCO`` object, its ``dataset`` dict, annotation list (and its
-    length) and its index (``anns``, rebuilt by every ``createIndex``); it is made afresh
-    when any of them changes (another ``coco``, another file loaded into it, annotations
-    added, the index rebuilt after an edit). A dataset that takes no attribute is cleaned
-    at every call."""
-    coco = dataset.coco
-    raw = getattr(coco, "dataset", None)
-    anns = raw.get("annotations") if isinstance(raw, dict) else None
-    source = (coco, raw, anns, getattr(coco, "anns", None))
-    size = len(anns) if isinstance(anns, list) else None
+    """:func:`evaluable_ground_truth` of ``dataset.coco``, kept on the dataset for as long as
+    it holds that ``coco`` object: training validates one dataset again and again."""
     cached = getattr(dataset, "_evaluable_gt", None)
-    if (isinstance(cached, tuple) and len(cached) == 3 and cached[1] == size
-            and len(cached[0]) == len(source) and all(a is b for a, b in zip(cached[0], source))):
-        return cached[2]
-    cleaned = evaluable_ground_truth(coco)
-    try:
-        dataset._evaluable_gt = (source, size, cleaned)
-    except AttributeError:  # __slots__, a read-only proxy
-        pass
+    if cached is not None and cached[0] is dataset.coco:
+        return cached[1]
+    cleaned = evaluable_ground_truth(dataset.coco)
+    with contextlib.suppress(AttributeError):  # a dataset that takes no attribute is cleaned every time
+        dataset._evaluable_gt = (dataset.coco, cleaned)
     return cleaned
 
 
