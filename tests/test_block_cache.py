@@ -107,6 +107,19 @@ def test_what_it_holds_stays_under_twice_its_peak():
         assert info["in_use"] + info["idle"] <= 2 * info["peak_in_use"]
 
 
+def test_the_peak_counts_blocks_served_from_the_idle_list():
+    _cpu.empty_cache()
+    with _cpu.block_cache():
+        a = torch.empty(8 * MB, dtype=torch.uint8)
+        del a
+        b = torch.empty(16 * MB, dtype=torch.uint8)
+        del b
+        a, b = torch.empty(8 * MB, dtype=torch.uint8), torch.empty(16 * MB, dtype=torch.uint8)  # two hits
+        info = _cpu.cache_info()
+        assert info["in_use"] >= 24 * MB and info["peak_in_use"] >= info["in_use"]
+        del a, b
+
+
 def test_empty_cache_returns_the_idle_blocks():
     with _cpu.block_cache():
         t = torch.empty(16 * MB, dtype=torch.uint8)

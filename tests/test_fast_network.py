@@ -141,6 +141,7 @@ def test_bf16_as_a_model_setting(tmp_path):
     imgs = _images()[:1]
     want = model.predict(imgs, precision="bf16", **KW)[0]
     got = as_setting.predict(imgs, **KW)[0]  # the model's own setting: the same bf16 run
+    assert as_setting._fast_network._key[1] == (torch.bfloat16 if _cpu.native_bf16() else None)
     assert torch.equal(got.masks, want.masks) and torch.equal(got.scores, want.scores)
     fp32 = as_setting.predict(imgs, precision="fp32", **KW)[0]  # a per-call override wins
     assert torch.equal(fp32.masks, model.predict(imgs, **KW)[0].masks)
@@ -198,6 +199,10 @@ def test_fast_network_follows_weight_updates():
     second = model._fast_network._net
     model.predict(imgs, **KW)
     assert model._fast_network._net is second  # unchanged weights: reused, not rebuilt
+    # .double() swaps every tensor's data under the same Parameter (same id and version)
+    model.double()
+    assert model.predict(imgs, **KW)[0].scores.dtype == torch.float32
+    assert model._fast_network._net is not second
 
 
 def test_copied_and_pickled_models_start_without_the_copy(tmp_path):

@@ -42,7 +42,6 @@
 #include <list>
 #include <map>
 #include <mutex>
-#include <new>
 #if defined(__unix__) || defined(__APPLE__)
 #include <pthread.h>
 #define SOLO_FAST_HAVE_ATFORK 1
@@ -102,6 +101,7 @@ class BlockCache final : public c10::Allocator {
       Block* b = it->second;
       take_idle(b);
       in_use_ += b->size;
+      peak_in_use_ = std::max(peak_in_use_, in_use_);
       hits_ += 1;
       g.unlock();
       c10::profiledCPUMemoryReporter().New(b->ptr, b->size);
@@ -117,6 +117,7 @@ class BlockCache final : public c10::Allocator {
       live_.erase(b->ptr);
       evicted.push_back(b);
     }
+    const size_t peak_before = peak_in_use_;
     in_use_ += size;
     peak_in_use_ = std::max(peak_in_use_, in_use_);
     misses_ += 1;
@@ -129,6 +130,8 @@ class BlockCache final : public c10::Allocator {
       {
         std::lock_guard<std::mutex> g2(mu_);
         in_use_ -= size;
+        peak_in_use_ = std::max(peak_before, in_use_);
+        misses_ -= 1;
       }
       c10::profiledCPUMemoryReporter().OutOfMemory(size);
       throw;
@@ -177,7 +180,8 @@ class BlockCache final : public c10::Allocator {
     static BlockCache* cache = [] {
       auto* c = new BlockCache();  // never destroyed (see the file comment)
 #ifdef SOLO_FAST_HAVE_ATFORK
-      pthread_atfork(nullptr, nullptr, &BlockCache::after_fork_in_child);
+      pthread_atfork(&BlockCache::before_fork, &BlockCache::after_fork_in_parent,
+                     &BlockCache::after_fork_in_child);
 #endif
       return c;
     }();
@@ -224,12 +228,14 @@ class BlockCache final : public c10::Allocator {
     idle_ -= b->size;
   }
 
-  // A child process (a DataLoader worker) starts outside every scope, with a lock that no
-  // thread holds: the thread that held it at the fork does not exist there. Its idle
-  // blocks are its own copies, still usable.
+  // The lock is held across fork(), so the child (a DataLoader worker) inherits consistent
+  // lists and a lock it can release; it starts outside every scope. Its idle blocks are
+  // its own copies, still usable. (Nothing under the lock calls malloc.)
+  static void before_fork() { get().mu_.lock(); }
+  static void after_fork_in_parent() { get().mu_.unlock(); }
   static void after_fork_in_child() {
     BlockCache& c = get();
-    new (&c.mu_) std::mutex();
+    c.mu_.unlock();
     c.scopes_ = 0;
   }
 

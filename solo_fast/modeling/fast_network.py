@@ -90,7 +90,10 @@ def has_hooks(parts: List[nn.Module]) -> bool:
 
 
 def _state_key(model: nn.Module) -> Tuple:
-    return tuple((id(t), t._version) for t in list(model.parameters()) + list(model.buffers()))
+    # ``.to()``/``.double()`` swap a parameter's data in place (``param.data = ...``): the same
+    # object and version counter, new storage and dtype.
+    return tuple((id(t), t._version, t.data_ptr(), t.dtype)
+                 for t in list(model.parameters()) + list(model.buffers()))
 
 
 def _contiguous(out, dtype: torch.dtype, any_layout: Tuple[str, ...] = ()):
