@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from solo_fast import ops
+from solo_fast import _ext, ops
 from solo_fast.ops import _deform_conv, reference
 
 from helpers import available, device_backends, no_tf32, on, triton_devices
@@ -63,7 +63,8 @@ def tap_offsets(b, offset_groups, k, ho, wo, dy, dx, dtype=torch.float64):
 
 
 # --------------------------------------------------------------------------------------------- the function
-def test_backends_registered():
+@pytest.mark.skipif(not _ext.available(), reason="solo_fast._C is not built")
+def test_backends_registered():  # a built _C registers the C++ op
     assert "cpu" in ops.available_backends(OP, "cpu")
     assert "triton" in FAST, "the conftest runs Triton in the interpreter on CPU tensors"
 
@@ -185,7 +186,8 @@ def check_parity(device, backend, size, case, dtype):
     gy = torch.randn_like(ref)
     want = torch.autograd.grad(ref, leaves, gy)
     got = torch.autograd.grad(y, dev_leaves, gy.to(device))
-    for name, g, r in zip(("x", "offset", "mask", "weight", "bias"), got, want):
+    names = [n for n, t in zip(("x", "offset", "mask", "weight", "bias"), args) if t is not None]
+    for name, g, r in zip(names, got, want):
         # relative to the gradient's scale: its entries are sums of O*K products
         scale = max(1.0, r.abs().max().item())
         torch.testing.assert_close(g.cpu() / scale, r / scale, **TOL[dtype], msg=lambda s: f"grad {name}: {s}")

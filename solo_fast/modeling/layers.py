@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..ops.reference import coord_maps
+from ..ops.reference import with_coords
 
 # Deformable convolution types, by mmcv's registry names (``conv_cfg=dict(type=...)``):
 # "DCNv2" = ModulatedDeformConv2dPack (offsets and a sigmoid mask per tap), "DCN" =
@@ -120,12 +120,7 @@ class ConvModule(nn.Module):
 
     def forward(self, x: torch.Tensor, coord_src_size=None) -> torch.Tensor:
         if isinstance(self.conv, DeformConv2d):
-            if self.coords:
-                maps = coord_maps(x.shape[-2], x.shape[-1], coord_src_size=coord_src_size, device=x.device,
-                                  dtype=x.dtype)
-                maps = {"xy": maps, "x": maps[:, :1], "y": maps[:, 1:]}[self.coords]
-                x = torch.cat([x, maps.expand(x.shape[0], -1, -1, -1)], 1)
-            x = self.conv(x)
+            x = self.conv(with_coords(x, self.coords, coord_src_size) if self.coords else x)
         elif self.coords:
             x = ops.coord_conv2d(x, self.conv.weight, self.conv.bias, padding=self.conv.padding[0],
                                  coords=self.coords, coord_src_size=coord_src_size)

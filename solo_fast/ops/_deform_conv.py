@@ -217,27 +217,27 @@ def _ones_mask(offset: torch.Tensor) -> torch.Tensor:
     return offset.new_ones((b, c2 // 2, ho, wo))
 
 
-def deform_conv2d_cpu(
-    x: torch.Tensor,
-    offset: torch.Tensor,
-    mask: Optional[torch.Tensor],
-    weight: torch.Tensor,
-    bias: Optional[torch.Tensor] = None,
-    *,
-    stride: Tuple[int, int] = (1, 1),
-    padding: Tuple[int, int] = (0, 0),
-    dilation: Tuple[int, int] = (1, 1),
-    groups: int = 1,
-    offset_groups: int = 1,
-) -> torch.Tensor:
-    """:func:`reference.deform_conv2d` on the C++ op (forward and backward in C++)."""
-    if mask is None:
-        mask = _ones_mask(offset)
-    c, taps = x.shape[1], weight.shape[2] * weight.shape[3]
-    chunk = column_chunk(c, taps, offset.shape[2] * offset.shape[3], _acc_size(x.dtype))
-    return torch.ops.solo_fast.deform_conv2d_forward(
-        x, offset, mask, weight, bias, list(stride), list(padding), list(dilation), groups, offset_groups, chunk
-    )
+def _compiled(call):
+    """A backend implementation with the reference's signature around a compiled op that
+    takes a mask tensor (DCNv1's None becomes ones) and the geometry as lists:
+    ``call(x, offset, mask, weight, bias, stride, padding, dilation, groups, offset_groups)``."""
+    def implementation(x, offset, mask, weight, bias=None, *, stride, padding, dilation, groups, offset_groups):
+        if mask is None:
+            mask = _ones_mask(offset)
+        return call(x, offset, mask, weight, bias, list(stride), list(padding), list(dilation), groups, offset_groups)
+
+    return implementation
+
+
+def _cpp_forward(x, offset, mask, weight, bias, *geometry):
+    """:func:`reference.deform_conv2d` on the C++ op (forward and backward in C++), columns
+    sampled ``column_chunk`` output pixels at a time."""
+    chunk = column_chunk(x.shape[1], weight.shape[2] * weight.shape[3], offset.shape[2] * offset.shape[3],
+                         _acc_size(x.dtype))
+    return torch.ops.solo_fast.deform_conv2d_forward(x, offset, mask, weight, bias, *geometry, chunk)
+
+
+deform_conv2d_cpu = _compiled(_cpp_forward)
 
 
 # What the C++ and the Triton ops share: both forwards take (x, offset, mask, weight, bias,
@@ -269,7 +269,7 @@ def _grads_fake(grad, x, offset, mask, weight, *geometry):
 if _cpp_loaded():
     torch.library.register_fake(_CPP_FWD)(_output_fake)
     torch.library.register_fake(_CPP_BWD)(_grads_fake)
-    _cpp_setup, _cpp_backward = _autograd(lambda *a: torch.ops.solo_fast.deform_conv2d_backward(*a))
+    _cpp_setup, _cpp_backward = _autograd(torch.ops.solo_fast.deform_conv2d_backward)
     torch.library.register_autograd(_CPP_FWD, _cpp_backward, setup_context=_cpp_setup)
 
 
@@ -327,24 +327,8 @@ def _triton_op():
     return opaque_under_interpreter(deform_conv2d_triton, _output_fake)
 
 
-def deform_conv2d_triton(
-    x: torch.Tensor,
-    offset: torch.Tensor,
-    mask: Optional[torch.Tensor],
-    weight: torch.Tensor,
-    bias: Optional[torch.Tensor] = None,
-    *,
-    stride: Tuple[int, int] = (1, 1),
-    padding: Tuple[int, int] = (0, 0),
-    dilation: Tuple[int, int] = (1, 1),
-    groups: int = 1,
-    offset_groups: int = 1,
-) -> torch.Tensor:
-    """:func:`reference.deform_conv2d` on the Triton kernels."""
-    if mask is None:
-        mask = _ones_mask(offset)
-    return _get_op()(x, offset, mask, weight, bias, list(stride), list(padding), list(dilation), groups,
-                     offset_groups)
+# :func:`reference.deform_conv2d` on the Triton kernels.
+deform_conv2d_triton = _compiled(lambda *args: _get_op()(*args))
 
 
 _triton_ready, _get_op = lazy_triton_op(_triton_op, "deform_conv2d_triton")

@@ -190,10 +190,16 @@ def coord_conv2d(
     coord_src_size: Optional[Tuple[int, int]] = None,
 ) -> torch.Tensor:
     """``conv2d(cat([x, xx, yy]), weight, bias)``: CoordConv by concatenation."""
+    return F.conv2d(with_coords(x, coords, coord_src_size), weight, bias, padding=padding)
+
+
+def with_coords(x: torch.Tensor, coords: str = "xy", coord_src_size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+    """``x`` with the coordinate maps ``coords`` ("xy", "x" or "y") concatenated as its last
+    channels (:func:`coord_maps`): CoordConv's input."""
     b, _, h, w = x.shape
     maps = coord_maps(h, w, coord_src_size=coord_src_size, device=x.device, dtype=x.dtype)
     sel = {"xy": maps, "x": maps[:, :1], "y": maps[:, 1:]}[coords]
-    return F.conv2d(torch.cat([x, sel.expand(b, -1, -1, -1)], 1), weight, bias, padding=padding)
+    return torch.cat([x, sel.expand(b, -1, -1, -1)], 1)
 
 
 # --------------------------------------------------------------------------------------
