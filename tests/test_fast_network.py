@@ -277,6 +277,9 @@ def test_head_outputs_layout(name):
     model = _random_model(name)
     net = FastNetwork([model.backbone, model.neck, model.mask_head])
     out = net(torch.rand(1, 3, 96, 128))
+    head = net.parts[-1]  # SOLO's mask tower hands on NCHW at its last layer, before the x2 upsample
+    towers = [getattr(head, n) for n in getattr(head, "nchw_towers", ()) if hasattr(head, n)]
+    assert [bool(t[-1]._forward_hooks) for t in towers] == ([True] if name.startswith("solo_") else [])
     listed = getattr(model.mask_head, "any_layout_outputs", ())
     assert listed == (("mask_feats",) if name.startswith("solov2") else ())
     for key, value in out.items():

@@ -113,12 +113,14 @@ def _nchw_output(module, args, out):
 
 
 def _leave_channels_last_early(part: nn.Module) -> None:
-    """SOLO's and Decoupled SOLO's mask towers end in a x2 upsample whose output, 4x the
-    tower's, goes to post-processing in NCHW: the tower's last layer hands on NCHW, so the
-    layout is converted before the upsample, not after (a quarter of the bytes)."""
-    for name, child in part.named_children():
-        if name in ("mask_convs", "mask_convs_x", "mask_convs_y") and isinstance(child, nn.ModuleList) and len(child):
-            child[-1].register_forward_hook(_nchw_output)
+    """The towers a head lists in ``nchw_towers`` (SOLO's and Decoupled SOLO's mask towers)
+    end in a x2 upsample whose output, 4x the tower's, goes to post-processing in NCHW:
+    their last layer hands on NCHW, so the layout is converted before the upsample, not
+    after (a quarter of the bytes)."""
+    for name in getattr(part, "nchw_towers", ()):
+        tower = getattr(part, name, None)
+        if isinstance(tower, nn.ModuleList) and len(tower):
+            tower[-1].register_forward_hook(_nchw_output)
 
 
 class FastNetwork:

@@ -140,6 +140,11 @@ class _GridHead(nn.Module):
 class SOLOHead(_GridHead):
     """SOLO: CoordConv mask tower, ×2 upsample, 1×1 conv to S² masks per level."""
 
+    # Towers whose output is upsampled x2 and read by post-processing in NCHW: the network's
+    # fast form converts the layout at their last layer, before the upsample (a quarter of
+    # the bytes).
+    nchw_towers = ("mask_convs",)
+
     def __init__(self, num_classes, in_channels=256, feat_channels=256, stacked_convs=7,
                  num_grids=(40, 36, 24, 16, 12), head_dcn="none", dcn_type="DCNv2"):
         super().__init__(num_classes, in_channels, feat_channels, stacked_convs, num_grids, head_dcn, dcn_type)
@@ -185,6 +190,8 @@ class SOLOHead(_GridHead):
 
 class DecoupledSOLOHead(_GridHead):
     """Decoupled SOLO: S x-maps and S y-maps per level; mask(i, j) = sigmoid(y_i)·sigmoid(x_j)."""
+
+    nchw_towers = ("mask_convs", "mask_convs_x", "mask_convs_y")  # as SOLOHead's (the light one has one)
 
     def __init__(self, num_classes, in_channels=256, feat_channels=256, stacked_convs=7,
                  num_grids=(40, 36, 24, 16, 12), light: bool = False, head_dcn="none", dcn_type="DCNv2"):
