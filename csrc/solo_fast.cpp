@@ -27,6 +27,13 @@ TORCH_LIBRARY(solo_fast, m) {
   // Modulated deformable convolution (DCNv2), solo_fast.ops.deform_conv2d: columns sampled
   // `chunk` output pixels at a time. The backward returns (grad_x, grad_offset, grad_mask,
   // grad_weight); grad_bias is grad_out.sum((0, 2, 3)).
+  // 3x3 / stride 1 / padding 1 convolution of a channels-last fp32 or bf16 input by
+  // Winograd F(2x2, 3x3), solo_fast.ops.winograd_conv3x3: `packed` is winograd_pack(weight,
+  // dtype), out_channels its weight's O; the output is channels-last in x's dtype.
+  m.def("winograd_pack(Tensor weight, ScalarType dtype) -> Tensor");
+  m.def("winograd_conv3x3(Tensor x, Tensor packed, Tensor? bias, int out_channels) -> Tensor");
+  // Whether this CPU's GEMM micro-kernel reads winograd_pack's layout for dtype.
+  m.def("winograd_usable(ScalarType dtype) -> bool");
   m.def(
       "deform_conv2d_forward(Tensor x, Tensor offset, Tensor mask, Tensor weight, Tensor? bias, int[2] stride, "
       "int[2] padding, int[2] dilation, int groups, int offset_groups, int chunk) -> Tensor");

@@ -1,0 +1,275 @@
+// CPU kernels of solo_fast::winograd_conv3x3 / winograd_pack (the contract is
+// solo_fast/ops/_winograd.py): a 3x3, stride 1, padding 1, dilation 1, groups 1
+// convolution of a channels-last fp32 or bf16 input by Winograd's F(2x2, 3x3) (Lavin &
+// Gray 2015), 16 products per 2x2 outputs and input channel instead of 36.
+//
+// Per image, row of 2x2 output tiles and block of `tiles` tiles, on one thread:
+//   1. input transform: each tile's 4x4 input patch d -> V = B^T d B, 16 values per
+//      channel, into V[16][tiles][Cp] (fp32, or bf16 rounded once; Cp = C rounded up to
+//      even for bf16's pairs, the extra column zero);
+//   2. per block of kOutBlock output channels, 16 GEMMs M[p] = V[p] @ U[p] (tiles x Cp by
+//      Cp x ob, fp32 accumulation) with torch's brgemm micro-kernel (oneDNN's JIT ukernel:
+//      AVX-512 fp32 FMA, AVX512-BF16 dot products), U = G g G^T packed once per weight;
+//   3. output transform: Y = A^T M A + bias, rounded once to the output dtype.
+// The working set (V, M) stays in L2; U streams from L3 once per block of tiles.
+//
+// The GEMM's B operand is [Cp][O] row-major for fp32 and in VNNI pairs, [Cp/2][O][2], for
+// bf16 -- the layout the AVX512-BF16 ukernel reads unpacked. Where oneDNN needs its own
+// packing (AMX: cpublas::could_pack) or the ukernel is missing, winograd_usable says no
+// and the caller keeps oneDNN's direct convolution.
+#include <ATen/ATen.h>
+#include <ATen/native/CPUBlas.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <mutex>
+#include <vector>
+
+#include "cpu/parallel.h"
+
+namespace solo_fast {
+namespace {
+
+using at::Tensor;
+namespace blas = at::native::cpublas;
+
+constexpr int kPos = 16;         // positions of the 4x4 transformed tile
+constexpr int64_t kOutBlock = 64;  // output channels per GEMM block (4 AVX-512 registers of fp32)
+// Bytes of V per block of tiles: V and M stay in a 1-2 MB L2 with room for U's rows.
+constexpr int64_t kVBytes = 384 * 1024;
+
+int64_t padded_channels(int64_t c, bool bf16) { return bf16 ? (c + 1) / 2 * 2 : c; }
+
+// Offset of element (k, n) of a [K][N] B operand in its packed layout.
+inline int64_t b_offset(int64_t k, int64_t n, int64_t ncols, bool bf16) {
+  return bf16 ? ((k / 2) * ncols + n) * 2 + (k % 2) : k * ncols + n;
+}
+
+// ---------------------------------------------------------------------------------------
+// U = G g G^T per (input, output) channel pair, in fp64, rounded once.
+// G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]].
+// ---------------------------------------------------------------------------------------
+Tensor winograd_pack_cpu(const Tensor& weight, at::ScalarType dtype) {
+  TORCH_CHECK(weight.dim() == 4 && weight.size(2) == 3 && weight.size(3) == 3,
+              "weight: expected [O, C, 3, 3], got ", weight.sizes());
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "dtype: expected float32 or bfloat16, got ", dtype);
+  const bool bf16 = dtype == at::kBFloat16;
+  const int64_t o = weight.size(0), c = weight.size(1), cp = padded_channels(c, bf16);
+  Tensor w = weight.to(at::kDouble).contiguous();
+  const double* wp = w.data_ptr<double>();
+  std::vector<double> u(static_cast<size_t>(kPos * cp * o), 0.0);
+  static const double G[4][3] = {{1, 0, 0}, {0.5, 0.5, 0.5}, {0.5, -0.5, 0.5}, {0, 0, 1}};
+  for (int64_t oc = 0; oc < o; ++oc) {
+    for (int64_t ic = 0; ic < c; ++ic) {
+      const double* g = wp + (oc * c + ic) * 9;
+      double gt[4][3];  // G g
+      for (int i = 0; i < 4; ++i)
+        for (int b = 0; b < 3; ++b) gt[i][b] = G[i][0] * g[b] + G[i][1] * g[3 + b] + G[i][2] * g[6 + b];
+      for (int i = 0; i < 4; ++i)
+        for (int j = 0; j < 4; ++j)
+          u[(i * 4 + j) * cp * o + b_offset(ic, oc, o, bf16)] =
+              gt[i][0] * G[j][0] + gt[i][1] * G[j][1] + gt[i][2] * G[j][2];
+    }
+  }
+  Tensor out = at::empty({kPos, cp, o}, weight.options().dtype(dtype));
+  if (bf16) {
+    auto* p = out.data_ptr<c10::BFloat16>();
+    for (size_t i = 0; i < u.size(); ++i) p[i] = static_cast<c10::BFloat16>(static_cast<float>(u[i]));
+  } else {
+    auto* p = out.data_ptr<float>();
+    for (size_t i = 0; i < u.size(); ++i) p[i] = static_cast<float>(u[i]);
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------
+// The forward
+// ---------------------------------------------------------------------------------------
+struct Shape {
+  int64_t n, h, w, c, cp, o, th, tw, tiles, blocks_per_row;
+};
+
+// Buffers reused by each thread across calls: no allocation (nor fresh pages) per block.
+template <class A>
+struct Scratch {
+  std::vector<A> v;
+  std::vector<float> m, zeros, sink;
+};
+
+template <class T>
+Scratch<T>& scratch() {
+  thread_local Scratch<T> s;
+  return s;
+}
+
+// The transforms, for the baseline ISA and for AVX-512 (see winograd_transforms.h).
+namespace generic {
+#include "cpu/winograd_transforms.h"
+}  // namespace generic
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq")
+namespace avx512 {
+#include "cpu/winograd_transforms.h"
+}  // namespace avx512
+#pragma GCC pop_options
+
+bool has_avx512() {
+  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  return yes;
+}
+
+template <class T>
+void forward_block(const Shape& s, const T* x, const T* u, const float* bias, T* y, int64_t item) {
+  constexpr bool bf16 = std::is_same<T, c10::BFloat16>::value;
+  const int64_t bx = item % s.blocks_per_row;
+  const int64_t ty = (item / s.blocks_per_row) % s.th;
+  const int64_t n = item / (s.blocks_per_row * s.th);
+  const int64_t t0 = bx * s.tiles, nt = std::min(s.tiles, s.tw - t0);
+  const int64_t ldv = s.tiles * s.cp;  // stride between positions in V
+  Scratch<T>& sc = scratch<T>();
+  if (static_cast<int64_t>(sc.v.size()) < kPos * ldv) sc.v.resize(kPos * ldv);
+  if (static_cast<int64_t>(sc.m.size()) < kPos * s.tiles * kOutBlock) sc.m.resize(kPos * s.tiles * kOutBlock);
+  if (static_cast<int64_t>(sc.zeros.size()) < s.cp) sc.zeros.assign(s.cp, 0.0f);
+  if (static_cast<int64_t>(sc.sink.size()) < kOutBlock) sc.sink.resize(kOutBlock);
+  static_assert(sizeof(T) <= sizeof(float), "zeros/sink buffers are floats");
+  const T* zeros = reinterpret_cast<const T*>(sc.zeros.data());  // all-zero bits are 0 in both dtypes
+  T* sink = reinterpret_cast<T*>(sc.sink.data());
+  T* v = sc.v.data();
+  float* m = sc.m.data();
+
+  // 1. Input transform, tile by tile; V[p] is [nt][Cp] with leading dimension Cp.
+  const T* img = x + n * s.h * s.w * s.c;
+  for (int64_t t = 0; t < nt; ++t) {
+    const int64_t y0 = 2 * ty - 1, x0 = 2 * (t0 + t) - 1;
+    const T* rows[4][4];
+    for (int i = 0; i < 4; ++i)
+      for (int j = 0; j < 4; ++j) {
+        const int64_t yy = y0 + i, xx = x0 + j;
+        rows[i][j] = (yy >= 0 && yy < s.h && xx >= 0 && xx < s.w) ? img + (yy * s.w + xx) * s.c : zeros;
+      }
+    T* vt = v + t * s.cp;
+    if (has_avx512())
+      avx512::input_transform(rows, s.c, vt, ldv);
+    else
+      generic::input_transform(rows, s.c, vt, ldv);
+    for (int64_t k = s.c; k < s.cp; ++k)
+      for (int p = 0; p < kPos; ++p) vt[p * ldv + k] = T(0.0f);
+  }
+
+  // 2-3. Per block of output channels: 16 GEMMs, then the output transform.
+  T* out_img = y + n * s.h * s.w * s.o;
+  for (int64_t o0 = 0; o0 < s.o; o0 += kOutBlock) {
+    const int64_t ob = std::min(kOutBlock, s.o - o0);
+    for (int p = 0; p < kPos; ++p) {
+      const T* up = u + p * s.cp * s.o + (bf16 ? 2 * o0 : o0);
+      blas::brgemm(nt, ob, s.cp, s.cp, s.o, kOutBlock, false, v + p * ldv, up, m + p * s.tiles * kOutBlock, bf16);
+    }
+    for (int64_t t = 0; t < nt; ++t) {
+      const int64_t oy = 2 * ty, ox = 2 * (t0 + t);
+      T* outs[2][2];
+      for (int a = 0; a < 2; ++a)
+        for (int b = 0; b < 2; ++b)
+          outs[a][b] = (oy + a < s.h && ox + b < s.w) ? out_img + ((oy + a) * s.w + ox + b) * s.o + o0 : sink;
+      const float* bo = bias ? bias + o0 : nullptr;
+      if (has_avx512())
+        avx512::output_transform(m + t * kOutBlock, s.tiles * kOutBlock, bo, ob, outs);
+      else
+        generic::output_transform(m + t * kOutBlock, s.tiles * kOutBlock, bo, ob, outs);
+    }
+  }
+}
+
+Tensor winograd_conv3x3_cpu(const Tensor& x, const Tensor& u, const c10::optional<Tensor>& bias,
+                            int64_t out_channels) {
+  TORCH_CHECK(x.dim() == 4, "x: expected [N, C, H, W], got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+              "x: expected float32 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK(u.scalar_type() == x.scalar_type(), "packed: expected ", x.scalar_type(), ", got ", u.scalar_type());
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  Shape s;
+  s.n = x.size(0), s.c = x.size(1), s.h = x.size(2), s.w = x.size(3);
+  s.cp = padded_channels(s.c, bf16), s.o = out_channels;
+  TORCH_CHECK(u.dim() == 3 && u.size(0) == kPos && u.size(1) == s.cp && u.size(2) == s.o && u.is_contiguous(),
+              "packed: expected the winograd_pack of a [", s.o, ", ", s.c, ", 3, 3] weight, got ", u.sizes());
+  Tensor b;
+  if (bias.has_value()) {
+    b = bias->to(at::kFloat).contiguous();
+    TORCH_CHECK(b.dim() == 1 && b.size(0) == s.o, "bias: expected [", s.o, "], got ", b.sizes());
+  }
+  Tensor xc = x.contiguous(at::MemoryFormat::ChannelsLast);
+  Tensor y = at::empty({s.n, s.o, s.h, s.w}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (y.numel() == 0) return y;
+  s.th = (s.h + 1) / 2, s.tw = (s.w + 1) / 2;
+  const int64_t elem = bf16 ? 2 : 4;
+  s.tiles = std::max<int64_t>(1, std::min<int64_t>(s.tw, kVBytes / (kPos * s.cp * elem)));
+  s.blocks_per_row = (s.tw + s.tiles - 1) / s.tiles;
+  const int64_t items = s.n * s.th * s.blocks_per_row;
+  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  const int64_t work = items * s.tiles * s.cp * s.o;  // multiply-adds / 16
+  const bool parallel = work >= cpu::parallel_work(int64_t{1} << 16);
+  if (bf16) {
+    const auto* xp = xc.data_ptr<c10::BFloat16>();
+    const auto* up = u.data_ptr<c10::BFloat16>();
+    auto* yp = y.data_ptr<c10::BFloat16>();
+    cpu::parallel_dynamic(items, parallel, [&](int64_t i) { forward_block(s, xp, up, bp, yp, i); });
+  } else {
+    const auto* xp = xc.data_ptr<float>();
+    const auto* up = u.data_ptr<float>();
+    auto* yp = y.data_ptr<float>();
+    cpu::parallel_dynamic(items, parallel, [&](int64_t i) { forward_block(s, xp, up, bp, yp, i); });
+  }
+  return y;
+}
+
+// Whether brgemm computes this dtype's GEMMs from the layout winograd_pack writes: checked
+// once per dtype on a small GEMM against a plain loop (exact inputs: small integers).
+bool winograd_usable_cpu(at::ScalarType dtype) {
+  if (dtype != at::kFloat && dtype != at::kBFloat16) return false;
+  static std::once_flag once[2];
+  static bool ok[2] = {false, false};
+  const int idx = dtype == at::kBFloat16;
+  std::call_once(once[idx], [&] {
+    try {
+      if (blas::could_pack(dtype)) return;  // needs oneDNN's own packing (AMX): not this layout
+      const bool bf16 = idx == 1;
+      const int64_t M = 5, K = 6, N = 3;
+      std::vector<float> a(M * K), b(K * N), ref(M * N, 0.0f), c(M * N, -1.0f);
+      for (int64_t i = 0; i < M * K; ++i) a[i] = static_cast<float>(i % 7 - 3);
+      for (int64_t i = 0; i < K * N; ++i) b[i] = static_cast<float>(i % 5 - 2);
+      for (int64_t i = 0; i < M; ++i)
+        for (int64_t j = 0; j < N; ++j)
+          for (int64_t k = 0; k < K; ++k) ref[i * N + j] += a[i * K + k] * b[k * N + j];
+      if (bf16) {
+        std::vector<c10::BFloat16> ab(M * K), bb(K * N);
+        for (int64_t i = 0; i < M * K; ++i) ab[i] = c10::BFloat16(a[i]);
+        for (int64_t k = 0; k < K; ++k)
+          for (int64_t j = 0; j < N; ++j) bb[b_offset(k, j, N, true)] = c10::BFloat16(b[k * N + j]);
+        blas::brgemm(M, N, K, K, N, N, false, ab.data(), bb.data(), c.data(), true);
+        blas::brgemm_release(true);
+      } else {
+        blas::brgemm(M, N, K, K, N, N, false, a.data(), b.data(), c.data(), false);
+        blas::brgemm_release(false);
+      }
+      ok[idx] = c == ref;
+    } catch (const std::exception&) {
+      ok[idx] = false;
+    }
+  });
+  return ok[idx];
+}
+
+}  // namespace
+}  // namespace solo_fast
+
+TORCH_LIBRARY_IMPL(solo_fast, CPU, m) {
+  m.impl("winograd_conv3x3", &solo_fast::winograd_conv3x3_cpu);
+}
+
+TORCH_LIBRARY_IMPL(solo_fast, CompositeExplicitAutograd, m) {
+  m.impl("winograd_pack", &solo_fast::winograd_pack_cpu);
+  m.impl("winograd_usable", &solo_fast::winograd_usable_cpu);
+}
