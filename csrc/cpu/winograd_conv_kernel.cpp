@@ -89,7 +89,7 @@ Tensor winograd_pack_cpu(const Tensor& weight, at::ScalarType dtype) {
 // The forward
 // ---------------------------------------------------------------------------------------
 struct Shape {
-  int64_t n, h, w, c, cp, o, th, tw, tiles, blocks_per_row;
+  int64_t n, h, w, c, cp, o, th, tw, tiles, blocks_per_image;
 };
 
 // Buffers reused by each thread across calls: no allocation (nor fresh pages) per block.
@@ -125,10 +125,9 @@ bool has_avx512() {
 template <class T>
 void forward_block(const Shape& s, const T* x, const T* u, const float* bias, T* y, int64_t item) {
   constexpr bool bf16 = std::is_same<T, c10::BFloat16>::value;
-  const int64_t bx = item % s.blocks_per_row;
-  const int64_t ty = (item / s.blocks_per_row) % s.th;
-  const int64_t n = item / (s.blocks_per_row * s.th);
-  const int64_t t0 = bx * s.tiles, nt = std::min(s.tiles, s.tw - t0);
+  const int64_t per_image = s.th * s.tw;
+  const int64_t n = item / s.blocks_per_image;
+  const int64_t t0 = (item % s.blocks_per_image) * s.tiles, nt = std::min(s.tiles, per_image - t0);
   const int64_t ldv = s.tiles * s.cp;  // stride between positions in V
   Scratch<T>& sc = scratch<T>();
   if (static_cast<int64_t>(sc.v.size()) < kPos * ldv) sc.v.resize(kPos * ldv);
@@ -144,7 +143,8 @@ void forward_block(const Shape& s, const T* x, const T* u, const float* bias, T*
   // 1. Input transform, tile by tile; V[p] is [nt][Cp] with leading dimension Cp.
   const T* img = x + n * s.h * s.w * s.c;
   for (int64_t t = 0; t < nt; ++t) {
-    const int64_t y0 = 2 * ty - 1, x0 = 2 * (t0 + t) - 1;
+    const int64_t ty = (t0 + t) / s.tw, tx = (t0 + t) % s.tw;
+    const int64_t y0 = 2 * ty - 1, x0 = 2 * tx - 1;
     const T* rows[4][4];
     for (int i = 0; i < 4; ++i)
       for (int j = 0; j < 4; ++j) {
@@ -169,7 +169,7 @@ void forward_block(const Shape& s, const T* x, const T* u, const float* bias, T*
       blas::brgemm(nt, ob, s.cp, s.cp, s.o, kOutBlock, false, v + p * ldv, up, m + p * s.tiles * kOutBlock, bf16);
     }
     for (int64_t t = 0; t < nt; ++t) {
-      const int64_t oy = 2 * ty, ox = 2 * (t0 + t);
+      const int64_t oy = 2 * ((t0 + t) / s.tw), ox = 2 * ((t0 + t) % s.tw);
       T* outs[2][2];
       for (int a = 0; a < 2; ++a)
         for (int b = 0; b < 2; ++b)
@@ -205,22 +205,33 @@ Tensor winograd_conv3x3_cpu(const Tensor& x, const Tensor& u, const c10::optiona
   if (y.numel() == 0) return y;
   s.th = (s.h + 1) / 2, s.tw = (s.w + 1) / 2;
   const int64_t elem = bf16 ? 2 : 4;
-  s.tiles = std::max<int64_t>(1, std::min<int64_t>(s.tw, kVBytes / (kPos * s.cp * elem)));
-  s.blocks_per_row = (s.tw + s.tiles - 1) / s.tiles;
-  const int64_t items = s.n * s.th * s.blocks_per_row;
+  // Blocks of consecutive tiles (across tile rows) whose V fits kVBytes, as many per image
+  // as a multiple of the threads so that none waits for another's last block.
+  const int64_t total = s.th * s.tw, threads = at::get_num_threads();
+  int64_t blocks = (total * kPos * s.cp * elem + kVBytes - 1) / kVBytes;
+  if (s.n == 1 && blocks < total) blocks = std::min(total, (blocks + threads - 1) / threads * threads);
+  s.tiles = (total + blocks - 1) / blocks;
+  s.blocks_per_image = (total + s.tiles - 1) / s.tiles;
+  const int64_t items = s.n * s.blocks_per_image;
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
-  const int64_t work = items * s.tiles * s.cp * s.o;  // multiply-adds / 16
-  const bool parallel = work >= cpu::parallel_work(int64_t{1} << 16);
+  // OpenMP, as oneDNN's convolutions around it: its threads are the ones spinning after
+  // the previous layer (a helper from another pool would share their cores with them).
+  const int64_t work = s.tiles * s.cp * s.o;  // multiply-adds / 16 of one item
+  const int64_t grain = std::max<int64_t>(1, cpu::parallel_work(int64_t{1} << 16) / std::max<int64_t>(1, work));
   if (bf16) {
     const auto* xp = xc.data_ptr<c10::BFloat16>();
     const auto* up = u.data_ptr<c10::BFloat16>();
     auto* yp = y.data_ptr<c10::BFloat16>();
-    cpu::parallel_dynamic(items, parallel, [&](int64_t i) { forward_block(s, xp, up, bp, yp, i); });
+    at::parallel_for(0, items, grain, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) forward_block(s, xp, up, bp, yp, i);
+    });
   } else {
     const auto* xp = xc.data_ptr<float>();
     const auto* up = u.data_ptr<float>();
     auto* yp = y.data_ptr<float>();
-    cpu::parallel_dynamic(items, parallel, [&](int64_t i) { forward_block(s, xp, up, bp, yp, i); });
+    at::parallel_for(0, items, grain, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) forward_block(s, xp, up, bp, yp, i);
+    });
   }
   return y;
 }

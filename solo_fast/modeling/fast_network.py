@@ -10,6 +10,8 @@ per call:
   ``b' = beta + (b - mean) * g / sqrt(v + eps)``;
 - every 4-D weight and the input are channels-last, so activations stay in it from the
   stem to the heads (GroupNorm, ReLU, upsampling and ``ops.coord_conv2d`` keep it);
+- every 3x3 / stride 1 conv that ``ops.winograd_profitable`` picks runs Winograd's
+  F(2x2, 3x3) (``ops.WinogradConv2d``), where ``ops.winograd_usable`` says this CPU can;
 - the head's outputs are handed to post-processing contiguous (NCHW) and in fp32, as the
   reference gives them, except those the head lists in ``any_layout_outputs`` (SOLOv2's
   mask features, which ``mask_predict`` reads as they are).
@@ -28,7 +30,7 @@ replaced or modified in place (an optimizer step, ``load_state_dict``, ``.to()``
 call compares the tensors' identities and version counters (well under a millisecond).
 
 The arithmetic is the same function up to fp32 rounding (folding rounds ``w * scale``;
-oneDNN sums in another order per layout): the contract is that of
+oneDNN sums in another order per layout; Winograd sums transformed products): the contract is that of
 ``benchmarks/latency.py``'s agreement columns, held by ``tests/test_fast_network.py``.
 """
 from __future__ import annotations
@@ -39,6 +41,8 @@ from typing import Iterable, List, Optional, Tuple
 
 import torch
 from torch import nn
+
+from .. import ops
 
 
 def _fold(conv: nn.Module, bn: nn.BatchNorm2d) -> None:
@@ -123,6 +127,24 @@ def _leave_channels_last_early(part: nn.Module) -> None:
             tower[-1].register_forward_hook(_nchw_output)
 
 
+def _param_dtype(part: nn.Module) -> torch.dtype:
+    return next(part.parameters()).dtype
+
+
+def _use_winograd(part: nn.Module, dtype: torch.dtype) -> int:
+    """Swaps the 3x3 / stride 1 convs of ``part`` for :class:`ops.WinogradConv2d` where this
+    CPU runs Winograd in ``dtype`` and it beats oneDNN (``ops.winograd_profitable``), before
+    the casts: the weights are packed from their fp32 values. Returns how many."""
+    if not ops.winograd_usable(dtype):
+        return 0
+    swaps = [(parent, name, child) for parent in part.modules() for name, child in parent.named_children()
+             if ops.WinogradConv2d.eligible(child) and child.weight.device.type == "cpu"
+             and ops.winograd_profitable(child.in_channels, child.out_channels, dtype)]
+    for parent, name, child in swaps:
+        setattr(parent, name, ops.WinogradConv2d(child, dtype))
+    return len(swaps)
+
+
 class FastNetwork:
     """The copy of ``parts`` (backbone, neck, head) in the fast form, its weights in
     ``dtype`` (None: as they are); ``__call__(batch)`` gives what
@@ -136,6 +158,7 @@ class FastNetwork:
             for p in self.parts:
                 for param in p.parameters():
                     param.requires_grad_(False)
+                self.winograd = _use_winograd(p, dtype or _param_dtype(p))
                 p.to(dtype=dtype, memory_format=torch.channels_last)
                 _leave_channels_last_early(p)
 

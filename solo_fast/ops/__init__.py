@@ -18,6 +18,7 @@ from ._mask_predict import mask_predict
 from ._network import network_form
 from ._matrix_nms import matrix_nms
 from .reference import Targets
+from ._winograd import WinogradConv2d, winograd_conv3x3, winograd_pack, winograd_profitable, winograd_usable
 
 __all__ = [
     "Targets",
@@ -31,4 +32,9 @@ __all__ = [
     "cell_masks_are_dense",
     "available_backends",
     "network_form",
+    "winograd_conv3x3",
+    "winograd_pack",
+    "winograd_usable",
+    "winograd_profitable",
+    "WinogradConv2d",
 ]
