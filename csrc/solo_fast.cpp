@@ -27,6 +27,8 @@ TORCH_LIBRARY(solo_fast, m) {
   // Modulated deformable convolution (DCNv2), solo_fast.ops.deform_conv2d: columns sampled
   // `chunk` output pixels at a time. The backward returns (grad_x, grad_offset, grad_mask,
   // grad_weight); grad_bias is grad_out.sum((0, 2, 3)).
+  // Tight xyxy boxes (float [N, 4]) of bool / uint8 masks [N, H, W], zeros for empty ones.
+  m.def("masks_to_boxes(Tensor masks) -> Tensor");
   // 3x3 / stride 1 / padding 1 convolution of a channels-last fp32 or bf16 input by
   // Winograd F(2x2, 3x3), solo_fast.ops.winograd_conv3x3: `packed` is winograd_pack(weight,
   // dtype), out_channels its weight's O; the output is channels-last in x's dtype.

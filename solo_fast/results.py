@@ -12,10 +12,11 @@ from ._checks import is_integral
 
 
 def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
-    """Tight xyxy boxes of bool masks [N, H, W]: (min col, min row, max col + 1, max row + 1)."""
-    from .ops.reference import masks_to_boxes as _boxes
+    """Tight xyxy boxes of masks [N, H, W] (nonzero is inside): (min col, min row, max col + 1,
+    max row + 1), zeros for an empty mask; :func:`solo_fast.ops.masks_to_boxes`."""
+    from . import ops
 
-    return _boxes(masks)
+    return ops.masks_to_boxes(masks if masks.dtype in (torch.bool, torch.uint8) else masks.bool())
 
 
 def _describe(v) -> str:

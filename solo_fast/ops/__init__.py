@@ -15,6 +15,7 @@ from ._coord_conv import coord_conv2d
 from ._deform_conv import deform_conv2d
 from ._dispatch import available_backends
 from ._mask_predict import mask_predict
+from ._masks_to_boxes import masks_to_boxes
 from ._network import network_form
 from ._matrix_nms import matrix_nms
 from .reference import Targets
@@ -28,6 +29,7 @@ __all__ = [
     "coord_conv2d",
     "deform_conv2d",
     "mask_predict",
+    "masks_to_boxes",
     "cell_masks",
     "cell_masks_are_dense",
     "available_backends",
