@@ -34,8 +34,12 @@ TORCH_LIBRARY(solo_fast, m) {
   // dtype), out_channels its weight's O; the output is channels-last in x's dtype.
   m.def("winograd_pack(Tensor weight, ScalarType dtype) -> Tensor");
   m.def("winograd_conv3x3(Tensor x, Tensor packed, Tensor? bias, int out_channels) -> Tensor");
-  // Whether this CPU's GEMM micro-kernel reads winograd_pack's layout for dtype.
-  m.def("winograd_usable(ScalarType dtype) -> bool");
+  // Whether torch's brgemm micro-kernel runs dtype's GEMMs from the layout of cpu/brgemm.h
+  // on this CPU (winograd_conv3x3 and mask_logits need it).
+  m.def("brgemm_usable(ScalarType dtype) -> bool");
+  // ops.mask_predict's GEMM for channels-last features: logits [K, n] fp32 = kernels [K, E]
+  // @ features[n, E]^T + bias, fp32 or bf16 features (kernels cast to their dtype).
+  m.def("mask_logits(Tensor features, Tensor kernels, Tensor? bias) -> Tensor");
   m.def(
       "deform_conv2d_forward(Tensor x, Tensor offset, Tensor mask, Tensor weight, Tensor? bias, int[2] stride, "
       "int[2] padding, int[2] dilation, int groups, int offset_groups, int chunk) -> Tensor");

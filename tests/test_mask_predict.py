@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from solo_fast import ops
-from solo_fast.ops import reference
+from solo_fast.ops import _mask_predict, reference
 
 from helpers import check_mask_predict, device_backends, on, to_cpu, triton_devices
 
@@ -112,21 +112,31 @@ def test_cpu_model_sized():
         assert torch.equal(g, w)
 
 
-@pytest.mark.parametrize("shape", [(9, 32, 12, 20), (40, 256, 25, 42), (1, 7, 1, 1)])
-def test_cpu_channels_last_features(shape):
-    # The CPU fast network hands SOLOv2's mask features on channels-last (heads.py
-    # any_layout_outputs): a [E, H, W] slice whose [E, H*W] view is the transposed operand.
-    # Bit for bit the reference on the same tensor, and the same function as on a
-    # contiguous copy up to the GEMM's summation order.
+@pytest.mark.parametrize("shape", [(9, 32, 12, 20), (40, 256, 25, 42), (1, 7, 1, 1), (70, 33, 17, 21), (130, 64, 5, 9)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_channels_last_features(shape, dtype):
+    # The CPU fast network hands SOLOv2's mask features on channels-last, in bf16 under
+    # precision="bf16" (heads.py any_layout_outputs): their [H*W, E] rows are the operand
+    # of the brgemm GEMM (mask_logits) as they lie. The same function as the reference up
+    # to the summation order: products of bf16 values are exact in fp32.
     f, k, b = make(*shape)
+    f, k = f.to(dtype), k.to(dtype).float()  # bf16-valued kernels in fp32, as the network gives them
     f_cl = f[None].contiguous(memory_format=torch.channels_last)[0]
-    assert not f_cl.is_contiguous() or shape[0] == 1
+    assert not f_cl.is_contiguous() or shape[2] * shape[3] == 1
+    if ops._winograd.winograd_usable(dtype) and shape[0]:
+        assert _mask_predict._channels_last_rows(f_cl, k) is not None  # the brgemm path runs
     got = ops.mask_predict(f_cl, k, b, backend="cpu")
-    for g, w in zip(got, reference.mask_predict(f_cl, k, b)):
+    check_mask_predict(got, f_cl, k, b, 0.5, eps=2.0**-22, soft_atol=1e-6)
+
+
+def test_cpu_channels_last_bf16_features_with_fp32_kernels_are_exact():
+    # Kernels that bf16 cannot hold: the brgemm path would round them, so the reference's
+    # fp32 GEMM runs, bit for bit.
+    f, k, b = make(9, 32, 12, 20)
+    f_cl = f.bfloat16()[None].contiguous(memory_format=torch.channels_last)[0]
+    assert _mask_predict._channels_last_rows(f_cl, k) is None
+    for g, w in zip(ops.mask_predict(f_cl, k, b, backend="cpu"), reference.mask_predict(f_cl, k, b)):
         assert torch.equal(g, w)
-    soft, _, _, maskness = ops.mask_predict(f, k, b, backend="cpu")
-    assert torch.allclose(got[0], soft, atol=1e-6, rtol=0)
-    assert torch.allclose(got[3], maskness, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("device,backend", device_backends("mask_predict", among=("cpu", "triton")))

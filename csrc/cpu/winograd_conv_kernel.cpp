@@ -13,10 +13,8 @@
 //   3. output transform: Y = A^T M A + bias, rounded once to the output dtype.
 // The working set (V, M) stays in L2; U streams from L3 once per block of tiles.
 //
-// The GEMM's B operand is [Cp][O] row-major for fp32 and in VNNI pairs, [Cp/2][O][2], for
-// bf16 -- the layout the AVX512-BF16 ukernel reads unpacked. Where oneDNN needs its own
-// packing (AMX: cpublas::could_pack) or the ukernel is missing, winograd_usable says no
-// and the caller keeps oneDNN's direct convolution.
+// The GEMM's B operand is in cpu/brgemm.h's layout; where brgemm_usable says no, the caller
+// keeps oneDNN's direct convolution.
 #include <ATen/ATen.h>
 #include <ATen/native/CPUBlas.h>
 #include <c10/util/BFloat16.h>
@@ -28,25 +26,18 @@
 #include <mutex>
 #include <vector>
 
+#include "cpu/brgemm.h"
 #include "cpu/parallel.h"
 
 namespace solo_fast {
 namespace {
 
 using at::Tensor;
-namespace blas = at::native::cpublas;
 
 constexpr int kPos = 16;         // positions of the 4x4 transformed tile
 constexpr int64_t kOutBlock = 64;  // output channels per GEMM block (4 AVX-512 registers of fp32)
 // Bytes of V per block of tiles: V and M stay in a 1-2 MB L2 with room for U's rows.
 constexpr int64_t kVBytes = 384 * 1024;
-
-int64_t padded_channels(int64_t c, bool bf16) { return bf16 ? (c + 1) / 2 * 2 : c; }
-
-// Offset of element (k, n) of a [K][N] B operand in its packed layout.
-inline int64_t b_offset(int64_t k, int64_t n, int64_t ncols, bool bf16) {
-  return bf16 ? ((k / 2) * ncols + n) * 2 + (k % 2) : k * ncols + n;
-}
 
 // ---------------------------------------------------------------------------------------
 // U = G g G^T per (input, output) channel pair, in fp64, rounded once.
@@ -57,7 +48,7 @@ Tensor winograd_pack_cpu(const Tensor& weight, at::ScalarType dtype) {
               "weight: expected [O, C, 3, 3], got ", weight.sizes());
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "dtype: expected float32 or bfloat16, got ", dtype);
   const bool bf16 = dtype == at::kBFloat16;
-  const int64_t o = weight.size(0), c = weight.size(1), cp = padded_channels(c, bf16);
+  const int64_t o = weight.size(0), c = weight.size(1), cp = cpu::padded_k(c, bf16);
   Tensor w = weight.to(at::kDouble).contiguous();
   const double* wp = w.data_ptr<double>();
   std::vector<double> u(static_cast<size_t>(kPos * cp * o), 0.0);
@@ -70,7 +61,7 @@ Tensor winograd_pack_cpu(const Tensor& weight, at::ScalarType dtype) {
         for (int b = 0; b < 3; ++b) gt[i][b] = G[i][0] * g[b] + G[i][1] * g[3 + b] + G[i][2] * g[6 + b];
       for (int i = 0; i < 4; ++i)
         for (int j = 0; j < 4; ++j)
-          u[(i * 4 + j) * cp * o + b_offset(ic, oc, o, bf16)] =
+          u[(i * 4 + j) * cp * o + cpu::b_offset(ic, oc, o, bf16)] =
               gt[i][0] * G[j][0] + gt[i][1] * G[j][1] + gt[i][2] * G[j][2];
     }
   }
@@ -166,7 +157,7 @@ void forward_block(const Shape& s, const T* x, const T* u, const float* bias, T*
     const int64_t ob = std::min(kOutBlock, s.o - o0);
     for (int p = 0; p < kPos; ++p) {
       const T* up = u + p * s.cp * s.o + (bf16 ? 2 * o0 : o0);
-      blas::brgemm(nt, ob, s.cp, s.cp, s.o, kOutBlock, false, v + p * ldv, up, m + p * s.tiles * kOutBlock, bf16);
+      at::native::cpublas::brgemm(nt, ob, s.cp, s.cp, s.o, kOutBlock, false, v + p * ldv, up, m + p * s.tiles * kOutBlock, bf16);
     }
     for (int64_t t = 0; t < nt; ++t) {
       const int64_t oy = 2 * ((t0 + t) / s.tw), ox = 2 * ((t0 + t) % s.tw);
@@ -192,7 +183,7 @@ Tensor winograd_conv3x3_cpu(const Tensor& x, const Tensor& u, const c10::optiona
   const bool bf16 = x.scalar_type() == at::kBFloat16;
   Shape s;
   s.n = x.size(0), s.c = x.size(1), s.h = x.size(2), s.w = x.size(3);
-  s.cp = padded_channels(s.c, bf16), s.o = out_channels;
+  s.cp = cpu::padded_k(s.c, bf16), s.o = out_channels;
   TORCH_CHECK(u.dim() == 3 && u.size(0) == kPos && u.size(1) == s.cp && u.size(2) == s.o && u.is_contiguous(),
               "packed: expected the winograd_pack of a [", s.o, ", ", s.c, ", 3, 3] weight, got ", u.sizes());
   Tensor b;
@@ -236,43 +227,6 @@ Tensor winograd_conv3x3_cpu(const Tensor& x, const Tensor& u, const c10::optiona
   return y;
 }
 
-// Whether brgemm computes this dtype's GEMMs from the layout winograd_pack writes: checked
-// once per dtype on a small GEMM against a plain loop (exact inputs: small integers).
-bool winograd_usable_cpu(at::ScalarType dtype) {
-  if (dtype != at::kFloat && dtype != at::kBFloat16) return false;
-  static std::once_flag once[2];
-  static bool ok[2] = {false, false};
-  const int idx = dtype == at::kBFloat16;
-  std::call_once(once[idx], [&] {
-    try {
-      if (blas::could_pack(dtype)) return;  // needs oneDNN's own packing (AMX): not this layout
-      const bool bf16 = idx == 1;
-      const int64_t M = 5, K = 6, N = 3;
-      std::vector<float> a(M * K), b(K * N), ref(M * N, 0.0f), c(M * N, -1.0f);
-      for (int64_t i = 0; i < M * K; ++i) a[i] = static_cast<float>(i % 7 - 3);
-      for (int64_t i = 0; i < K * N; ++i) b[i] = static_cast<float>(i % 5 - 2);
-      for (int64_t i = 0; i < M; ++i)
-        for (int64_t j = 0; j < N; ++j)
-          for (int64_t k = 0; k < K; ++k) ref[i * N + j] += a[i * K + k] * b[k * N + j];
-      if (bf16) {
-        std::vector<c10::BFloat16> ab(M * K), bb(K * N);
-        for (int64_t i = 0; i < M * K; ++i) ab[i] = c10::BFloat16(a[i]);
-        for (int64_t k = 0; k < K; ++k)
-          for (int64_t j = 0; j < N; ++j) bb[b_offset(k, j, N, true)] = c10::BFloat16(b[k * N + j]);
-        blas::brgemm(M, N, K, K, N, N, false, ab.data(), bb.data(), c.data(), true);
-        blas::brgemm_release(true);
-      } else {
-        blas::brgemm(M, N, K, K, N, N, false, a.data(), b.data(), c.data(), false);
-        blas::brgemm_release(false);
-      }
-      ok[idx] = c == ref;
-    } catch (const std::exception&) {
-      ok[idx] = false;
-    }
-  });
-  return ok[idx];
-}
-
 }  // namespace
 }  // namespace solo_fast
 
@@ -282,5 +236,4 @@ TORCH_LIBRARY_IMPL(solo_fast, CPU, m) {
 
 TORCH_LIBRARY_IMPL(solo_fast, CompositeExplicitAutograd, m) {
   m.impl("winograd_pack", &solo_fast::winograd_pack_cpu);
-  m.impl("winograd_usable", &solo_fast::winograd_usable_cpu);
 }

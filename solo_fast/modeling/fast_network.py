@@ -14,7 +14,7 @@ per call:
   F(2x2, 3x3) (``ops.WinogradConv2d``), where ``ops.winograd_usable`` says this CPU can;
 - the head's outputs are handed to post-processing contiguous (NCHW) and in fp32, as the
   reference gives them, except those the head lists in ``any_layout_outputs`` (SOLOv2's
-  mask features, which ``mask_predict`` reads as they are).
+  mask features, which ``mask_predict`` reads as they are: channels-last, bf16 in bf16).
 
 A network with forward hooks (feature extraction, the tests' input probes) runs as it is:
 the hooks see the model's own modules.
@@ -102,11 +102,13 @@ def _state_key(model: nn.Module) -> Tuple:
 
 def _contiguous(out, dtype: torch.dtype, any_layout: Tuple[str, ...] = ()):
     """``out`` in ``dtype`` and contiguous, except the dict entries named in ``any_layout``
-    (the head's ``any_layout_outputs``), which keep their layout."""
+    (the head's ``any_layout_outputs``), which are handed on as they are: their layout and
+    the network's dtype (bf16 mask features are read by ``mask_predict`` in bf16, exactly
+    the values an fp32 copy would hold)."""
     if isinstance(out, torch.Tensor):
         return out.to(dtype=dtype, memory_format=torch.contiguous_format)
     if isinstance(out, dict):
-        return {k: v.to(dtype) if k in any_layout else _contiguous(v, dtype) for k, v in out.items()}
+        return {k: v if k in any_layout else _contiguous(v, dtype) for k, v in out.items()}
     if isinstance(out, (list, tuple)):
         return type(out)(_contiguous(v, dtype) for v in out)
     return out

@@ -291,10 +291,11 @@ class MaskFeatModule(nn.Module):
 class SOLOV2Head(_GridHead):
     """SOLOv2: dynamic 1×1 kernels per cell applied to unified stride-4 mask features."""
 
-    # Outputs that post-processing reads in any memory layout: ``mask_predict`` multiplies
-    # the kernels by the features' [E, H*W] view, which a channels-last map is too (the
-    # transposed operand of one GEMM). The network's fast form hands it on channels-last
-    # instead of converting a [256, H/4, W/4] map (~50 ms at 800x1344 on 2 Zen 4 cores).
+    # Outputs that post-processing reads in any memory layout and float dtype:
+    # ``mask_predict`` multiplies the kernels by the features' [E, H*W] view, whose rows a
+    # channels-last map holds as they lie (the CPU's mask_logits GEMM reads them in bf16
+    # too). The network's fast form hands it on as it is instead of converting a
+    # [256, H/4, W/4] map (~50 ms at 800x1344 on 2 Zen 4 cores; ~20 ms more from bf16).
     any_layout_outputs = ("mask_feats",)
 
     def __init__(self, num_classes, in_channels=256, feat_channels=512, stacked_convs=4,

@@ -1,7 +1,7 @@
 """``mask_predict`` (DESIGN.md §2): the public op, and its fast paths ("reference" is
 :func:`reference.mask_predict`).
 
-"cpu": the reference's own formulation -- one fp32 GEMM, ``+ bias``, sigmoid,
+"cpu": for contiguous features, the reference's own formulation -- one fp32 GEMM, ``+ bias``, sigmoid,
 ``> mask_thr``, the per-mask sums -- run as in-place passes over the output tensors. The
 only temporaries beyond the outputs are the maskness product, computed a chunk of masks
 at a time into one buffer of at most CHUNK_ELEMS values, and the fp32 logits when
@@ -10,6 +10,13 @@ at a time into one buffer of at most CHUNK_ELEMS values, and the fp32 logits whe
 differently when given fewer rows -- MKL does at some small shapes -- so it is
 deliberately not split over K), the elementwise passes are the same kernels on the same
 shapes, and the maskness sums reduce each mask's H*W values as the reference does.
+Channels-last features (the CPU fast network's SOLOv2 mask features), fp32 or bf16 with
+bf16-valued kernels, take another GEMM: ``torch.ops.solo_fast.mask_logits``
+(csrc/cpu/mask_logits_kernel.cpp, torch's brgemm micro-kernel reading the features' rows
+as they lie, the bias added as it writes). That skips a bf16 -> fp32 copy of the features
+and MKL's slow transposed operand (~21 ms against ~6 ms for fp32 at 800x1344 on a Zen 5).
+Its logits are the same function summed in another order: within fp32 rounding of the
+reference, and a pixel within that rounding of ``mask_thr`` may fall either side.
 Bounding memory over thousands of masks is the caller's job (a model calls it per chunk
 of candidates, e.g. for LVIS; the reference then sees the same chunks).
 
@@ -108,28 +115,34 @@ def mask_predict_cpu(
     e, h, w = features.shape
     k = kernels.shape[0]
     n = h * w
-    feats = features.reshape(e, n).float()
-    kern = kernels.float()
-    b = None if bias is None else bias.float()
     dev = features.device
-
-    soft = torch.empty(k, h, w, dtype=out_dtype, device=dev)
     binary = torch.empty(k, h, w, dtype=torch.bool, device=dev)
     area = torch.empty(k, dtype=torch.int64, device=dev)
     maskness = torch.empty(k, dtype=torch.float32, device=dev)
-    # One GEMM call with the reference's exact operands and shapes: the BLAS may block a
-    # row differently when it is given fewer rows (MKL does for some small shapes), so
-    # only this guarantees the reference's logits bit for bit. With fp32 output it writes
-    # straight into the returned tensor, which costs no memory beyond the output.
-    logits = soft.view(k, n) if out_dtype == torch.float32 else torch.empty(k, n, dtype=torch.float32, device=dev)
-    torch.matmul(kern, feats, out=logits)
+    rows = _channels_last_rows(features, kernels)
+    if rows is not None:
+        # The fast network's channels-last features: brgemm reads their rows as they lie, in
+        # bf16 too, and adds the bias (csrc/cpu/mask_logits_kernel.cpp).
+        logits = torch.ops.solo_fast.mask_logits(rows, kernels, bias)
+        soft = logits.view(k, h, w) if out_dtype == torch.float32 else torch.empty(k, h, w, dtype=out_dtype, device=dev)
+    else:
+        feats = features.reshape(e, n).float()
+        kern = kernels.float()
+        b = None if bias is None else bias.float()
+        soft = torch.empty(k, h, w, dtype=out_dtype, device=dev)
+        # One GEMM call with the reference's exact operands and shapes: the BLAS may block
+        # a row differently when it is given fewer rows (MKL does for some small shapes),
+        # so only this guarantees the reference's logits bit for bit. With fp32 output it
+        # writes straight into the returned tensor, which costs no memory beyond the output.
+        logits = soft.view(k, n) if out_dtype == torch.float32 else torch.empty(k, n, dtype=torch.float32, device=dev)
+        torch.matmul(kern, feats, out=logits)
+        if b is not None:
+            logits.add_(b[:, None])
     # Whole-tensor in-place passes: no fresh [K, H*W] allocations (their page faults cost
     # as much as the arithmetic), and each pass is one parallel region -- many small
     # regions stall whenever the 2 OpenMP threads share their cores with anything else.
     # add_, sigmoid_ and gt are the reference's own kernels on the same shapes, so they
     # give its values bit for bit (sigmoid's vectorised loop even splits the same way).
-    if b is not None:
-        logits.add_(b[:, None])
     logits.sigmoid_()
     s = logits.view(k, h, w)
     torch.gt(s, mask_thr, out=binary)
@@ -152,6 +165,26 @@ def mask_predict_cpu(
     if out_dtype != torch.float32:
         soft.copy_(s)
     return soft, binary, area, maskness
+
+
+def _channels_last_rows(features: torch.Tensor, kernels: torch.Tensor) -> Optional[torch.Tensor]:
+    """``features`` [E, H, W] as the [H*W, E] rows that ``mask_logits`` takes, where that
+    is a view (channels-last), its dtype has a brgemm kernel here, and the kernels are
+    exactly representable in it (bf16 features with bf16-valued kernels, as the bf16
+    network gives them). Otherwise None."""
+    from ._winograd import _usable
+
+    e, h, w = features.shape
+    if features.dtype not in (torch.float32, torch.bfloat16) or not _usable(features.dtype):
+        return None
+    if features.numel() == 0 or kernels.shape[0] == 0:
+        return None
+    rows = features.permute(1, 2, 0).reshape(h * w, e)
+    if not rows.is_contiguous() or rows.data_ptr() != features.data_ptr():
+        return None
+    if kernels.dtype != features.dtype and not torch.equal(kernels.to(features.dtype).to(kernels.dtype), kernels):
+        return None
+    return rows
 
 
 _backend.register("mask_predict", "cpu", lambda device_type: device_type == "cpu")(mask_predict_cpu)

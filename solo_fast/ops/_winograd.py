@@ -40,9 +40,9 @@ _OP = "solo_fast::winograd_conv3x3"
 def _usable(dtype: torch.dtype) -> bool:
     if dtype not in WINOGRAD_DTYPES or not _ext.available():
         return False
-    if not hasattr(torch.ops.solo_fast, "winograd_usable"):
+    if not hasattr(torch.ops.solo_fast, "winograd_conv3x3"):
         return False
-    return bool(torch.ops.solo_fast.winograd_usable(dtype))
+    return bool(torch.ops.solo_fast.brgemm_usable(dtype))
 
 
 def winograd_usable(dtype: torch.dtype) -> bool:
