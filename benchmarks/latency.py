@@ -472,7 +472,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         info["conv_rate_gflops"] = {k: v / 1e9 for k, v in conv_rates.items()}
         print("# best conv here (channels-last 3x3 256->256 at 200x336): "
               + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in conv_rates.items())
-              + "; an e2e row's 'conv floor' is its network's conv FLOPs at that rate")
+              + "; an e2e row's 'direct conv floor' is its network's conv FLOPs at that rate (Winograd's 3x3"
+              + " layers compute fewer FLOPs, so a fast row can go below it)")
     print(f"# {info['device']} | torch {info['torch']} | triton {triton_version} | commit {info['commit']} | {info['date']}"
           f" | allocator env {info['allocator'] or 'default'}"
           f"{' | keep_freed_memory()' if args.keep_freed_memory else ''}")
@@ -511,7 +512,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             conv_flops = getattr(run, "conv_flops", None)
             rate = conv_rates.get("bf16" if backend == "bf16" else "fp32")
             if case["op"] == "e2e_inference" and conv_flops and rate and backend != "reference":
-                notes.append(f"{conv_flops / 1e9:.0f} GFLOP of convs: conv floor {conv_flops / rate * 1e3:.0f} ms")
+                notes.append(f"{conv_flops / 1e9:.0f} GFLOP of direct convs: direct conv floor {conv_flops / rate * 1e3:.0f} ms")
                 stats = {**stats, "conv_gflop": conv_flops / 1e9, "conv_floor_ms": conv_flops / rate * 1e3}
             if case["op"] == "e2e_inference" and backend != "reference":
                 agreement = output_agreement(outputs["reference"], outputs[backend])
