@@ -3,9 +3,9 @@
 // B[K][N], fp32 C, with B laid out once by the caller --
 //   fp32: [K][N] row-major;
 //   bf16: VNNI pairs, [K/2][N][2] (K even), which the AVX512-BF16 ukernel reads unpacked.
-// On AMX oneDNN wants its own packing (cpublas::could_pack) and without the ukernel bf16
-// falls back to a slow loop: brgemm_usable says where this layout runs, checked once per
-// dtype on a small GEMM.
+// On AMX oneDNN wants its own packing (cpublas::could_pack), and without AVX-512 (for bf16,
+// AVX512-BF16) the ukernel is missing and brgemm falls back to a slow loop: brgemm_usable
+// says where this layout runs fast, checked once per dtype, then on a small GEMM.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -36,6 +36,11 @@ inline bool brgemm_usable(at::ScalarType dtype) {
   std::call_once(once[idx], [&] {
     try {
       if (at::native::cpublas::could_pack(dtype)) return;  // oneDNN's own packing (AMX)
+      // Speed: without the ISA, the ukernel is missing and brgemm runs a plain loop (right,
+      // but slower than oneDNN's convolutions and MKL).
+      const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+      if (!avx512 || (idx == 1 && !__builtin_cpu_supports("avx512bf16"))) return;
       const int64_t M = 5, K = 6, N = 3;
       std::vector<float> a(M * K), b(K * N), ref(M * N, 0.0f), c(M * N, -1.0f);
       for (int64_t i = 0; i < M * K; ++i) a[i] = static_cast<float>(i % 7 - 3);

@@ -171,13 +171,18 @@ def _channels_last_rows(features: torch.Tensor, kernels: torch.Tensor) -> Option
     """``features`` [E, H, W] as the [H*W, E] rows that ``mask_logits`` takes, where that
     is a view (channels-last), its dtype has a brgemm kernel here, and the kernels are
     exactly representable in it (bf16 features with bf16-valued kernels, as the bf16
-    network gives them). Otherwise None."""
+    network gives them). Otherwise None, and under torch.compile, which traces the plain
+    formulation (these checks read data pointers and values)."""
     from ._winograd import _usable
 
+    if torch.compiler.is_compiling():
+        return None
     e, h, w = features.shape
     if features.dtype not in (torch.float32, torch.bfloat16) or not _usable(features.dtype):
         return None
-    if features.numel() == 0 or kernels.shape[0] == 0:
+    # Contiguous features (also those whose H*W or E is 1: both layouts at once) take the
+    # reference's GEMM, bit for bit.
+    if features.numel() == 0 or kernels.shape[0] == 0 or features.is_contiguous():
         return None
     rows = features.permute(1, 2, 0).reshape(h * w, e)
     if not rows.is_contiguous() or rows.data_ptr() != features.data_ptr():
