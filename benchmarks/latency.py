@@ -169,6 +169,57 @@ def op_cases(device, quick: bool) -> List[Dict]:
         cases.append(dict(op="mask_predict", label=f"K={k} E={e} {mh}x{mw}", make=make_mp,
                           flops=2 * k * e * mh * mw, bytes=2 * (e * mh * mw + k * mh * mw)))
 
+    # The CPU fast network's layout: SOLOv2's mask features channels-last (fp32, and bf16
+    # under precision="bf16"), read by the brgemm GEMM (mask_logits) as they lie.
+    for dt in (torch.float32, torch.bfloat16):
+        if device.type != "cpu" or not ops.winograd_usable(dt):
+            continue
+
+        def make_mp_cl(dt=dt):
+            g = torch.Generator().manual_seed(0)
+            feats = torch.randn(1, 256, mh, mw, generator=g).to(dt).contiguous(memory_format=torch.channels_last)[0]
+            kern = (torch.randn(60, 256, generator=g) * 0.05).to(dt).float()
+            return lambda b: ops.mask_predict(feats, kern, backend=b)
+        cases.append(dict(op="mask_predict", label=f"K=60 E=256 {mh}x{mw} channels-last {str(dt)[6:]}",
+                          make=make_mp_cl, flops=2 * 60 * 256 * mh * mw))
+
+    def make_boxes():
+        masks = torch.zeros(26, ph, pw - 11, dtype=torch.bool, device=device)
+        for i in range(26):  # objects of assorted sizes and places
+            y0, x0 = (37 * i) % (ph // 2), (53 * i) % (pw // 2)
+            masks[i, y0 : y0 + ph // 3, x0 : x0 + pw // 4] = True
+        return lambda b: ops.masks_to_boxes(masks, backend=b)
+    cases.append(dict(op="masks_to_boxes", label=f"26 masks {ph}x{pw - 11}", make=make_boxes,
+                      bytes=26 * ph * (pw - 11)))
+
+    # Winograd against oneDNN's direct conv (the "reference" column here), channels-last,
+    # weights cycled so that each call reads them from memory as in a model: the 3x3 layers
+    # of SOLOv2 R50 at 800x1344 (half that with --quick).
+    wino_shapes = [("FPN P2 out", 256, 256, mh, mw), ("mask feat P2", 256, 128, mh, mw),
+                   ("kernel tower", 512, 512, 40, 40), ("ResNet layer3", 256, 256, ph // 16, pw // 16),
+                   ("ResNet layer1", 64, 64, mh, mw)]
+    for dt in (torch.float32, torch.bfloat16):
+        if device.type != "cpu" or not ops.winograd_usable(dt):
+            continue
+        for name, c, o, h, w in wino_shapes:
+            def make_wino(c=c, o=o, h=h, w=w, dt=dt):
+                g = torch.Generator().manual_seed(0)
+                x = torch.randn(1, c, h, w, generator=g).to(dt).contiguous(memory_format=torch.channels_last)
+                ws = [torch.randn(o, c, 3, 3, generator=g) * 0.05 for _ in range(4)]
+                direct = [w_.to(dt).contiguous(memory_format=torch.channels_last) for w_ in ws]
+                packed = [ops.winograd_pack(w_, dt) for w_ in ws]
+                bias = torch.randn(o, generator=g)
+                turn = [0]
+
+                def run(b):
+                    i = turn[0] = (turn[0] + 1) % len(ws)
+                    if b == "reference":
+                        return torch.nn.functional.conv2d(x, direct[i], bias.to(dt), padding=1)
+                    return ops.winograd_conv3x3(x, packed[i], bias)
+                return run
+            cases.append(dict(op="winograd_conv3x3", label=f"{name} {c}->{o} {h}x{w} {str(dt)[6:]}",
+                              make=make_wino, flops=2 * o * c * 9 * h * w))
+
     conv_shapes = [("SOLO mask tower", 1, 256, 256, mh // 2, mw // 2, "xy", None),
                    ("SOLOv2 kernel branch", 1, 256, 512, 40, 40, "xy", (mh // 2, mw // 2)),
                    ("Decoupled x tower", 1, 256, 256, mh // 2, mw // 2, "x", None)]
@@ -368,6 +419,8 @@ def backends_for(case: Dict, device) -> List[str]:
         return ["reference", "auto", "bf16"]
     if case["op"].startswith("e2e"):
         return ["reference", "auto"]
+    if case["op"] == "winograd_conv3x3":  # against oneDNN's direct conv; no backend registry
+        return ["reference", "cpu"]
     avail = ops.available_backends(case["op"], device)
     return ["reference"] + [b for b in avail if b != "reference"]
 

@@ -9,6 +9,7 @@ the reference (:mod:`.reference`) and the fast paths -- registered there with
 device and falls back to ``"reference"``. Each fast path guards its own optional
 dependency (the compiled extension, triton) and stays silent when it is absent.
 """
+from ._binary_masks import binary_masks_x4, binary_masks_x4_is_fast
 from ._cell_masks import cell_masks, cell_masks_are_dense
 from ._center_region import center_region_assign, center_region_assign_batch
 from ._coord_conv import coord_conv2d
@@ -31,6 +32,8 @@ __all__ = [
     "mask_predict",
     "masks_to_boxes",
     "cell_masks",
+    "binary_masks_x4",
+    "binary_masks_x4_is_fast",
     "cell_masks_are_dense",
     "available_backends",
     "network_form",

@@ -82,6 +82,14 @@ def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
     return torch.where(rows.any(1, keepdim=True), boxes, torch.zeros_like(boxes))
 
 
+def binary_masks_x4(soft: torch.Tensor, crop, mask_thr: float) -> torch.Tensor:
+    """[N, h, w] -> bool [N, crop[0], crop[1]]: bilinear x4 (half-pixel centres) in fp32, the
+    top-left crop, ``> mask_thr``."""
+    n, h, w = soft.shape
+    s = F.interpolate(soft[:, None].float(), size=(4 * h, 4 * w), mode="bilinear", align_corners=False)
+    return s[:, 0, : crop[0], : crop[1]] > mask_thr
+
+
 def downsample_masks(masks: torch.Tensor, stride: int) -> torch.Tensor:
     """[M, H, W] 0/1 -> [M, H/stride, W/stride] uint8: bilinear (half-pixel centres), then >= 0.5."""
     m, h, w = masks.shape
