@@ -24,9 +24,6 @@ TORCH_LIBRARY(solo_fast, m) {
   m.def("matrix_nms_decay_popcount(Tensor masks, Tensor labels, Tensor areas, str kernel, float sigma) -> Tensor");
   // Nonzero pixels per mask (int64 [N]): matrix_nms's default mask_area.
   m.def("matrix_nms_mask_area(Tensor masks) -> Tensor");
-  // Modulated deformable convolution (DCNv2), solo_fast.ops.deform_conv2d: columns sampled
-  // `chunk` output pixels at a time. The backward returns (grad_x, grad_offset, grad_mask,
-  // grad_weight); grad_bias is grad_out.sum((0, 2, 3)).
   // Tight xyxy boxes (float [N, 4]) of bool / uint8 masks [N, H, W], zeros for empty ones.
   m.def("masks_to_boxes(Tensor masks) -> Tensor");
   // soft [N, h, w] fp32 resized x4 (bilinear, half-pixel), cropped to [crop_h, crop_w] and
@@ -43,6 +40,9 @@ TORCH_LIBRARY(solo_fast, m) {
   // ops.mask_predict's GEMM for channels-last features: logits [K, n] fp32 = kernels [K, E]
   // @ features[n, E]^T + bias, fp32 or bf16 features (kernels cast to their dtype).
   m.def("mask_logits(Tensor features, Tensor kernels, Tensor? bias) -> Tensor");
+  // Modulated deformable convolution (DCNv2), solo_fast.ops.deform_conv2d: columns sampled
+  // `chunk` output pixels at a time. The backward returns (grad_x, grad_offset, grad_mask,
+  // grad_weight); grad_bias is grad_out.sum((0, 2, 3)).
   m.def(
       "deform_conv2d_forward(Tensor x, Tensor offset, Tensor mask, Tensor weight, Tensor? bias, int[2] stride, "
       "int[2] padding, int[2] dilation, int groups, int offset_groups, int chunk) -> Tensor");

@@ -329,8 +329,9 @@ def assert_fp32_contract(ref, fast, stride: int = 4):
     about as much. At 800x1333 that is ~1e-5; on a 96x128 test image, where ``a`` is
     ~200, it is ~5e-3. Every detection that uses the cell gets the change (one cell, many
     classes). So a score may differ by up to two such flips, ``2 * score / a``, with ``a``
-    the mask's area over stride**2 (inputs at scale 1). The mean difference over all
-    detections must still be within 1e-4: a path that is wrong rather than differently
+    the mask's area over stride**2 (inputs at scale 1), and at least 64. At most a tenth of
+    the detections (at least one) may use that allowance, and the mean difference over
+    all of them must still be within 1e-4: a path that is wrong rather than differently
     rounded moves every score."""
     assert len(fast) == len(ref), (len(fast), len(ref))
     assert sorted(fast.labels.tolist()) == sorted(ref.labels.tolist())
@@ -340,10 +341,11 @@ def assert_fp32_contract(ref, fast, stride: int = 4):
     for i, (j, iou) in pairs.items():
         s = float(ref.scores[i])
         d = abs(float(fast.scores[j]) - s)
-        a = max(1.0, float(ref.masks[i].sum()) / stride**2)
+        a = max(64.0, float(ref.masks[i].sum()) / stride**2)
         assert d <= max(1e-4, 2 * s / a), (i, s, float(fast.scores[j]), a)
         assert iou >= 0.999 or int((ref.masks[i] ^ fast.masks[j]).sum()) <= 1, (i, iou)
         diffs.append(d)
+    assert sum(d > 1e-4 for d in diffs) <= max(1, len(diffs) // 10), diffs
     assert not diffs or sum(diffs) / len(diffs) <= 1e-4, sum(diffs) / len(diffs)
 
 

@@ -123,10 +123,21 @@ def test_cpu_channels_last_features(shape, dtype):
     f, k = f.to(dtype), k.to(dtype).float()  # bf16-valued kernels in fp32, as the network gives them
     f_cl = f[None].contiguous(memory_format=torch.channels_last)[0]
     assert not f_cl.is_contiguous() or shape[2] * shape[3] == 1
-    if ops._winograd.winograd_usable(dtype) and shape[0] and not f_cl.is_contiguous():
+    if ops.brgemm_reads(dtype) and shape[0] and not f_cl.is_contiguous():
         assert _mask_predict._channels_last_rows(f_cl, k) is not None  # the brgemm path runs
     got = ops.mask_predict(f_cl, k, b, backend="cpu")
     check_mask_predict(got, f_cl, k, b, 0.5, eps=2.0**-22, soft_atol=1e-6)
+
+
+@pytest.mark.skipif(not ops.brgemm_reads(torch.float32), reason="no brgemm GEMM on this CPU/build")
+def test_mask_logits_without_bias_and_opcheck():
+    f, k, _ = make(70, 33, 17, 21, bias=False)
+    f_cl = f[None].contiguous(memory_format=torch.channels_last)[0]
+    check_mask_predict(ops.mask_predict(f_cl, k, None, backend="cpu"), f_cl, k, None, 0.5, eps=2.0**-22,
+                       soft_atol=1e-6)
+    rows = _mask_predict._channels_last_rows(f_cl, k)
+    torch.library.opcheck(torch.ops.solo_fast.mask_logits.default, (rows, k, None),
+                          test_utils=("test_schema", "test_faketensor"))
 
 
 def test_cpu_channels_last_bf16_features_with_fp32_kernels_are_exact():

@@ -55,3 +55,9 @@ def test_bad_input_is_named():
         ops.masks_to_boxes(torch.zeros(3, 4))
     with pytest.raises(ValueError, match="masks"):
         ops.masks_to_boxes(torch.zeros(1, 3, 4))  # float
+
+
+@needs_cpu
+def test_opcheck():
+    torch.library.opcheck(torch.ops.solo_fast.masks_to_boxes.default, (_random_masks(4, 9, 11, seed=0),),
+                          test_utils=("test_schema", "test_faketensor"))

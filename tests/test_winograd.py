@@ -9,8 +9,8 @@ import solo_fast
 from solo_fast import ops
 from solo_fast.modeling.fast_network import FastNetwork
 
-usable32 = ops.winograd_usable(torch.float32)
-usable16 = ops.winograd_usable(torch.bfloat16)
+usable32 = ops.brgemm_reads(torch.float32)
+usable16 = ops.brgemm_reads(torch.bfloat16)
 needs32 = pytest.mark.skipif(not usable32, reason="no fp32 Winograd kernel on this CPU/build (AVX-512 brgemm)")
 needs16 = pytest.mark.skipif(not usable16, reason="no bf16 Winograd kernel on this CPU/build (AVX512-BF16 "
                                                   "brgemm without AMX packing)")
@@ -120,7 +120,11 @@ def test_bad_input_is_named():
         ops.winograd_conv3x3(x[0], packed, b)
     with pytest.raises(ValueError, match="bias"):
         ops.winograd_conv3x3(x, packed, b[:5])
-    with pytest.raises(ValueError, match="no gradient"):
+    with pytest.raises(ValueError, match="weight"):
+        ops.winograd_pack(torch.zeros(4, 0, 3, 3))
+    with pytest.raises(ValueError, match="bias: .*no gradient"):
+        ops.winograd_conv3x3(x, packed, b.clone().requires_grad_())
+    with pytest.raises(ValueError, match="x: .*no gradient"):
         ops.winograd_conv3x3(x.requires_grad_(), packed, b)
 
 
@@ -153,8 +157,13 @@ def test_fast_network_swaps_only_profitable_convs(monkeypatch):
     net = FastNetwork([model.backbone, model.neck, model.mask_head])
     convs = [m for p in net.parts for m in p.modules() if isinstance(m, ops.WinogradConv2d)]
     assert convs and all(min(m.in_channels, m.out_channels) >= 128 for m in convs)
-    # ResNet-18's first stage (64 channels) keeps oneDNN's direct conv.
+    # ResNet-18's first stage (64 channels) keeps oneDNN's direct conv, and the CoordConv
+    # layers' convs (read by ops.coord_conv2d, never called) are left as they are.
     assert not isinstance(net.parts[0].layer1[0].conv1, ops.WinogradConv2d)
+    head = net.parts[2]
+    assert head.kernel_convs[0].coords and type(head.kernel_convs[0].conv) is nn.Conv2d
+    assert isinstance(head.kernel_convs[1].conv, ops.WinogradConv2d)
+    assert net.winograd == len(convs)
     monkeypatch.setenv("SOLO_FAST_CPU_WINOGRAD", "0")
     assert _swapped(FastNetwork([model.backbone, model.neck, model.mask_head])) == 0
 

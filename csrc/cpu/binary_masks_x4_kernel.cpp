@@ -2,7 +2,8 @@
 // F.interpolate(soft, scale 4, bilinear, align_corners=False) cropped to [0, crop_h) x
 // [0, crop_w) and thresholded (> thr), without the fp32 map at full size.
 //
-// torch's CPU kernel for a one-channel map (its generic path, C == 1) interpolates along W
+// torch's CPU kernel for a one-channel map whose output has H + W > 128 (its generic path;
+// ops.binary_masks_x4 sends smaller ones to the reference) interpolates along W
 // first, then along H, each as fma(v0, w0, v1 * w1) with weights from the half-pixel rule
 // (exact for a factor of 4: 0.125, 0.375, ...). The same arithmetic here, in the same order,
 // gives its values bit for bit; ops.binary_masks_x4 checks that once against F.interpolate

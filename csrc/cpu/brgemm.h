@@ -27,7 +27,23 @@ inline int64_t b_offset(int64_t k, int64_t n, int64_t ncols, bool bf16) {
   return bf16 ? ((k / 2) * ncols + n) * 2 + (k % 2) : k * ncols + n;
 }
 
-// Small integers: every product and sum is exact, so a right kernel gives them bit for bit.
+inline bool has_avx512() {
+  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  return yes;
+}
+
+// b[k * ld_src + n] (k < K, n < N) written into `dst` in the layout, `ncols` wide (>= N).
+template <class T, class S>
+void pack_b(const S* b, int64_t k_rows, int64_t n_cols, int64_t ld_src, int64_t ncols, T* dst) {
+  constexpr bool bf16 = std::is_same<T, c10::BFloat16>::value;
+  for (int64_t k = 0; k < k_rows; ++k)
+    for (int64_t n = 0; n < n_cols; ++n) dst[b_offset(k, n, ncols, bf16)] = static_cast<T>(b[k * ld_src + n]);
+}
+
+// Checked as the kernels call it: a column block at an offset in a wider B (ld_b > N), an
+// N tail, ld_c > N. Small integers: every product and sum is exact, so a right kernel gives
+// them bit for bit.
 inline bool brgemm_usable(at::ScalarType dtype) {
   if (dtype != at::kFloat && dtype != at::kBFloat16) return false;
   static std::once_flag once[2];
@@ -38,25 +54,24 @@ inline bool brgemm_usable(at::ScalarType dtype) {
       if (at::native::cpublas::could_pack(dtype)) return;  // oneDNN's own packing (AMX)
       // Speed: without the ISA, the ukernel is missing and brgemm runs a plain loop (right,
       // but slower than oneDNN's convolutions and MKL).
-      const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-      if (!avx512 || (idx == 1 && !__builtin_cpu_supports("avx512bf16"))) return;
-      const int64_t M = 5, K = 6, N = 3;
-      std::vector<float> a(M * K), b(K * N), ref(M * N, 0.0f), c(M * N, -1.0f);
+      if (!has_avx512() || (idx == 1 && !__builtin_cpu_supports("avx512bf16"))) return;
+      const int64_t M = 5, K = 6, N = 20, LDB = 40, OFF = 16, LDC = 24;
+      std::vector<float> a(M * K), b(K * LDB), ref(M * LDC, -1.0f), c(M * LDC, -1.0f);
       for (int64_t i = 0; i < M * K; ++i) a[i] = static_cast<float>(i % 7 - 3);
-      for (int64_t i = 0; i < K * N; ++i) b[i] = static_cast<float>(i % 5 - 2);
+      for (int64_t i = 0; i < K * LDB; ++i) b[i] = static_cast<float>(i % 5 - 2);
       for (int64_t i = 0; i < M; ++i)
-        for (int64_t j = 0; j < N; ++j)
-          for (int64_t k = 0; k < K; ++k) ref[i * N + j] += a[i * K + k] * b[k * N + j];
+        for (int64_t j = 0; j < N; ++j) {
+          float sum = 0.0f;
+          for (int64_t k = 0; k < K; ++k) sum += a[i * K + k] * b[k * LDB + OFF + j];
+          ref[i * LDC + j] = sum;
+        }
       if (idx == 1) {
-        std::vector<c10::BFloat16> ab(M * K), bb(K * N);
-        for (int64_t i = 0; i < M * K; ++i) ab[i] = c10::BFloat16(a[i]);
-        for (int64_t k = 0; k < K; ++k)
-          for (int64_t j = 0; j < N; ++j) bb[b_offset(k, j, N, true)] = c10::BFloat16(b[k * N + j]);
-        at::native::cpublas::brgemm(M, N, K, K, N, N, false, ab.data(), bb.data(), c.data(), true);
+        std::vector<c10::BFloat16> ab(a.begin(), a.end()), bb(K * LDB);
+        pack_b(b.data(), K, LDB, LDB, LDB, bb.data());
+        at::native::cpublas::brgemm(M, N, K, K, LDB, LDC, false, ab.data(), bb.data() + 2 * OFF, c.data(), true);
         at::native::cpublas::brgemm_release(true);
       } else {
-        at::native::cpublas::brgemm(M, N, K, K, N, N, false, a.data(), b.data(), c.data(), false);
+        at::native::cpublas::brgemm(M, N, K, K, LDB, LDC, false, a.data(), b.data() + OFF, c.data(), false);
         at::native::cpublas::brgemm_release(false);
       }
       ok[idx] = c == ref;

@@ -2,8 +2,8 @@
 // features come channels-last (SOLOv2's mask features from the fast network):
 // logits[K][n] = kernels[K][E] @ features[n][E]^T + bias, fp32, for fp32 or bf16 operands.
 //
-// The features' rows are the GEMM's A operand as they lie; kernels^T, laid out once in
-// cpu/brgemm.h's B layout, is B. Each block of kRows pixels and kCols kernels is one brgemm
+// The features' rows are the GEMM's A operand as they lie; kernels^T, laid out once per
+// call in cpu/brgemm.h's B layout (panels of kCols kernels), is B. Each block of kRows pixels and kCols kernels is one brgemm
 // call into a small fp32 buffer that stays in L1, written out transposed with the bias:
 // no [n][K] intermediate and no conversion of the features to fp32. brgemm_usable (the
 // op of the same name) says where this runs.
@@ -25,6 +25,24 @@ using at::Tensor;
 constexpr int64_t kRows = 128;  // pixels per block
 constexpr int64_t kCols = 64;   // kernels per GEMM call (4 AVX-512 registers of fp32)
 
+// B = kernels^T as panels of kCols kernels, each [Ep][kCols] in the brgemm layout, zero
+// past K: every call is kRows x kCols x Ep with ld_b = kCols, so torch's per-thread cache
+// of JIT kernels holds one kernel whatever the number of candidates (a tail of pixels is
+// copied into a zero-padded block for the same reason).
+template <class T>
+std::vector<T> kernel_panels(const T* kern, int64_t k, int64_t e, int64_t ep) {
+  const int64_t panels = (k + kCols - 1) / kCols;
+  std::vector<T> b(panels * ep * kCols, T(0.0f));
+  std::vector<T> kt(ep * kCols);
+  for (int64_t q = 0; q < panels; ++q) {
+    std::fill(kt.begin(), kt.end(), T(0.0f));
+    for (int64_t kk = 0; kk < std::min(kCols, k - q * kCols); ++kk)
+      for (int64_t ee = 0; ee < e; ++ee) kt[ee * kCols + kk] = kern[(q * kCols + kk) * e + ee];
+    cpu::pack_b(kt.data(), ep, kCols, kCols, kCols, b.data() + q * ep * kCols);
+  }
+  return b;
+}
+
 template <class T>
 void logits_blocks(const T* feats, int64_t n, int64_t e, const T* b_op, int64_t ep, int64_t k, const float* bias,
                    float* out) {
@@ -32,18 +50,20 @@ void logits_blocks(const T* feats, int64_t n, int64_t e, const T* b_op, int64_t 
   const int64_t blocks = (n + kRows - 1) / kRows;
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     std::vector<float> c(kRows * kCols);
-    std::vector<T> padded(ep == e ? 0 : kRows * ep, T(0.0f));
+    std::vector<T> padded;
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t j0 = blk * kRows, nb = std::min(kRows, n - j0);
       const T* a = feats + j0 * e;
       int64_t lda = e;
-      if (ep != e) {  // bf16 pairs: an odd E gets a zero column
+      if (ep != e || nb < kRows) {  // bf16 pairs (an odd E gets a zero column), or the last rows
+        padded.assign(kRows * ep, T(0.0f));
         for (int64_t j = 0; j < nb; ++j) std::copy(a + j * e, a + (j + 1) * e, padded.begin() + j * ep);
         a = padded.data(), lda = ep;
       }
       for (int64_t k0 = 0; k0 < k; k0 += kCols) {
         const int64_t kb = std::min(kCols, k - k0);
-        at::native::cpublas::brgemm(nb, kb, ep, lda, k, kCols, false, a, b_op + (bf16 ? 2 * k0 : k0), c.data(), bf16);
+        at::native::cpublas::brgemm(kRows, kCols, ep, lda, kCols, kCols, false, a, b_op + (k0 / kCols) * ep * kCols,
+                                    c.data(), bf16);
         for (int64_t kk = 0; kk < kb; ++kk) {
           const float add = bias ? bias[k0 + kk] : 0.0f;
           float* row = out + (k0 + kk) * n + j0;
@@ -62,6 +82,8 @@ Tensor mask_logits_cpu(const Tensor& features, const Tensor& kernels, const c10:
   TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16, "features: expected float32 or bfloat16, got ", dt);
   TORCH_CHECK(kernels.dim() == 2 && kernels.size(1) == features.size(1), "kernels: expected [K, ", features.size(1),
               "], got ", kernels.sizes());
+  TORCH_CHECK(features.size(1) > 0, "features: expected at least one channel, got ", features.sizes());
+  TORCH_CHECK(features.is_cpu() && kernels.is_cpu(), "features, kernels: expected CPU tensors");
   TORCH_CHECK(cpu::brgemm_usable(dt), "mask_logits: brgemm_usable(", dt, ") is false on this CPU");
   const bool bf16 = dt == at::kBFloat16;
   const int64_t n = features.size(0), e = features.size(1), k = kernels.size(0), ep = cpu::padded_k(e, bf16);
@@ -72,23 +94,14 @@ Tensor mask_logits_cpu(const Tensor& features, const Tensor& kernels, const c10:
   }
   Tensor out = at::empty({k, n}, features.options().dtype(at::kFloat));
   if (out.numel() == 0) return out;
-  // B = kernels^T [E][K] in the brgemm layout (K x E values: small next to the features).
   Tensor kt = kernels.to(dt).contiguous();
-  Tensor b_op = at::zeros({ep * k}, features.options());
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
   if (bf16) {
-    const auto* src = kt.data_ptr<c10::BFloat16>();
-    auto* dst = b_op.data_ptr<c10::BFloat16>();
-    for (int64_t kk = 0; kk < k; ++kk)
-      for (int64_t ee = 0; ee < e; ++ee) dst[cpu::b_offset(ee, kk, k, true)] = src[kk * e + ee];
-    logits_blocks(features.data_ptr<c10::BFloat16>(), n, e, static_cast<const c10::BFloat16*>(dst), ep, k, bp,
-                  out.data_ptr<float>());
+    const auto panels = kernel_panels(kt.data_ptr<c10::BFloat16>(), k, e, ep);
+    logits_blocks(features.data_ptr<c10::BFloat16>(), n, e, panels.data(), ep, k, bp, out.data_ptr<float>());
   } else {
-    const auto* src = kt.data_ptr<float>();
-    auto* dst = b_op.data_ptr<float>();
-    for (int64_t kk = 0; kk < k; ++kk)
-      for (int64_t ee = 0; ee < e; ++ee) dst[cpu::b_offset(ee, kk, k, false)] = src[kk * e + ee];
-    logits_blocks(features.data_ptr<float>(), n, e, static_cast<const float*>(dst), ep, k, bp, out.data_ptr<float>());
+    const auto panels = kernel_panels(kt.data_ptr<float>(), k, e, ep);
+    logits_blocks(features.data_ptr<float>(), n, e, panels.data(), ep, k, bp, out.data_ptr<float>());
   }
   return out;
 }

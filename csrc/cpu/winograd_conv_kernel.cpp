@@ -3,7 +3,8 @@
 // convolution of a channels-last fp32 or bf16 input by Winograd's F(2x2, 3x3) (Lavin &
 // Gray 2015), 16 products per 2x2 outputs and input channel instead of 36.
 //
-// Per image, row of 2x2 output tiles and block of `tiles` tiles, on one thread:
+// Per image and block of `tiles` consecutive 2x2 output tiles (row-major, across tile
+// rows), on one thread:
 //   1. input transform: each tile's 4x4 input patch d -> V = B^T d B, 16 values per
 //      channel, into V[16][tiles][Cp] (fp32, or bf16 rounded once; Cp = C rounded up to
 //      even for bf16's pairs, the extra column zero);
@@ -11,6 +12,8 @@
 //      Cp x ob, fp32 accumulation) with torch's brgemm micro-kernel (oneDNN's JIT ukernel:
 //      AVX-512 fp32 FMA, AVX512-BF16 dot products), U = G g G^T packed once per weight;
 //   3. output transform: Y = A^T M A + bias, rounded once to the output dtype.
+// Every GEMM call has M = `tiles` (a block's unused rows of V are zeros), so torch's
+// per-thread cache of JIT kernels holds one per layer shape, not one per tail.
 // The working set (V, M) stays in L2; U streams from L3 once per block of tiles.
 //
 // The GEMM's B operand is in cpu/brgemm.h's layout; where brgemm_usable says no, the caller
@@ -40,13 +43,15 @@ constexpr int64_t kOutBlock = 64;  // output channels per GEMM block (4 AVX-512 
 constexpr int64_t kVBytes = 384 * 1024;
 
 // ---------------------------------------------------------------------------------------
-// U = G g G^T per (input, output) channel pair, in fp64, rounded once.
+// U = G g G^T per (input, output) channel pair, in fp64, rounded to fp32 (and that to bf16).
 // G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]].
 // ---------------------------------------------------------------------------------------
 Tensor winograd_pack_cpu(const Tensor& weight, at::ScalarType dtype) {
   TORCH_CHECK(weight.dim() == 4 && weight.size(2) == 3 && weight.size(3) == 3,
               "weight: expected [O, C, 3, 3], got ", weight.sizes());
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "dtype: expected float32 or bfloat16, got ", dtype);
+  TORCH_CHECK(weight.is_cpu(), "weight: expected a CPU tensor, got one on ", weight.device());
+  TORCH_CHECK(weight.size(1) > 0, "weight: expected at least one input channel, got ", weight.sizes());
   const bool bf16 = dtype == at::kBFloat16;
   const int64_t o = weight.size(0), c = weight.size(1), cp = cpu::padded_k(c, bf16);
   Tensor w = weight.to(at::kDouble).contiguous();
@@ -107,11 +112,7 @@ namespace avx512 {
 }  // namespace avx512
 #pragma GCC pop_options
 
-bool has_avx512() {
-  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-  return yes;
-}
+using cpu::has_avx512;
 
 template <class T>
 void forward_block(const Shape& s, const T* x, const T* u, const float* bias, T* y, int64_t item) {
@@ -150,6 +151,8 @@ void forward_block(const Shape& s, const T* x, const T* u, const float* bias, T*
     for (int64_t k = s.c; k < s.cp; ++k)
       for (int p = 0; p < kPos; ++p) vt[p * ldv + k] = T(0.0f);
   }
+  for (int p = 0; p < kPos; ++p)  // a short last block: zero rows, so that every call is tiles x Cp
+    std::fill(v + p * ldv + nt * s.cp, v + (p + 1) * ldv, T(0.0f));
 
   // 2-3. Per block of output channels: 16 GEMMs, then the output transform.
   T* out_img = y + n * s.h * s.w * s.o;
@@ -157,7 +160,8 @@ void forward_block(const Shape& s, const T* x, const T* u, const float* bias, T*
     const int64_t ob = std::min(kOutBlock, s.o - o0);
     for (int p = 0; p < kPos; ++p) {
       const T* up = u + p * s.cp * s.o + (bf16 ? 2 * o0 : o0);
-      at::native::cpublas::brgemm(nt, ob, s.cp, s.cp, s.o, kOutBlock, false, v + p * ldv, up, m + p * s.tiles * kOutBlock, bf16);
+      at::native::cpublas::brgemm(s.tiles, ob, s.cp, s.cp, s.o, kOutBlock, false, v + p * ldv, up, m + p * s.tiles * kOutBlock,
+                                  bf16);
     }
     for (int64_t t = 0; t < nt; ++t) {
       const int64_t oy = 2 * ((t0 + t) / s.tw), ox = 2 * ((t0 + t) % s.tw);
@@ -180,6 +184,9 @@ Tensor winograd_conv3x3_cpu(const Tensor& x, const Tensor& u, const c10::optiona
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
               "x: expected float32 or bfloat16, got ", x.scalar_type());
   TORCH_CHECK(u.scalar_type() == x.scalar_type(), "packed: expected ", x.scalar_type(), ", got ", u.scalar_type());
+  TORCH_CHECK(cpu::brgemm_usable(x.scalar_type()), "winograd_conv3x3: brgemm_usable(", x.scalar_type(),
+              ") is false on this CPU");
+  TORCH_CHECK(x.size(1) > 0, "x: expected at least one channel, got ", x.sizes());
   const bool bf16 = x.scalar_type() == at::kBFloat16;
   Shape s;
   s.n = x.size(0), s.c = x.size(1), s.h = x.size(2), s.w = x.size(3);
@@ -202,6 +209,7 @@ Tensor winograd_conv3x3_cpu(const Tensor& x, const Tensor& u, const c10::optiona
   int64_t blocks = (total * kPos * s.cp * elem + kVBytes - 1) / kVBytes;
   if (s.n == 1 && blocks < total) blocks = std::min(total, (blocks + threads - 1) / threads * threads);
   s.tiles = (total + blocks - 1) / blocks;
+  s.tiles = std::min(total, (s.tiles + 3) / 4 * 4);  // few distinct GEMM shapes across image sizes
   s.blocks_per_image = (total + s.tiles - 1) / s.tiles;
   const int64_t items = s.n * s.blocks_per_image;
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
@@ -215,6 +223,7 @@ Tensor winograd_conv3x3_cpu(const Tensor& x, const Tensor& u, const c10::optiona
     auto* yp = y.data_ptr<c10::BFloat16>();
     at::parallel_for(0, items, grain, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) forward_block(s, xp, up, bp, yp, i);
+      at::native::cpublas::brgemm_release(bf16);
     });
   } else {
     const auto* xp = xc.data_ptr<float>();
@@ -222,6 +231,7 @@ Tensor winograd_conv3x3_cpu(const Tensor& x, const Tensor& u, const c10::optiona
     auto* yp = y.data_ptr<float>();
     at::parallel_for(0, items, grain, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) forward_block(s, xp, up, bp, yp, i);
+      at::native::cpublas::brgemm_release(bf16);
     });
   }
   return y;

@@ -102,16 +102,22 @@ def _state_key(model: nn.Module) -> Tuple:
 
 def _contiguous(out, dtype: torch.dtype, any_layout: Tuple[str, ...] = ()):
     """``out`` in ``dtype`` and contiguous, except the dict entries named in ``any_layout``
-    (the head's ``any_layout_outputs``), which are handed on as they are: their layout and
-    the network's dtype (bf16 mask features are read by ``mask_predict`` in bf16, exactly
-    the values an fp32 copy would hold)."""
+    (the head's ``any_layout_outputs``), which are handed on in their layout and, where
+    ``mask_predict``'s brgemm GEMM reads it, the network's dtype (bf16 mask features hold
+    exactly the values an fp32 copy would)."""
     if isinstance(out, torch.Tensor):
         return out.to(dtype=dtype, memory_format=torch.contiguous_format)
     if isinstance(out, dict):
-        return {k: v if k in any_layout else _contiguous(v, dtype) for k, v in out.items()}
+        return {k: _as_it_is(v, dtype) if k in any_layout else _contiguous(v, dtype) for k, v in out.items()}
     if isinstance(out, (list, tuple)):
         return type(out)(_contiguous(v, dtype) for v in out)
     return out
+
+
+def _as_it_is(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An ``any_layout`` output in its layout; in the network's dtype only where the CPU's
+    mask_logits GEMM reads that dtype (bf16: AVX512-BF16 without AMX), else in ``dtype``."""
+    return v if v.dtype == dtype or ops.brgemm_reads(v.dtype) else v.to(dtype)
 
 
 def _nchw_output(module, args, out):
@@ -130,7 +136,7 @@ def _leave_channels_last_early(part: nn.Module) -> None:
 
 
 def _param_dtype(part: nn.Module) -> torch.dtype:
-    return next(part.parameters()).dtype
+    return next(part.parameters(), torch.zeros(())).dtype
 
 
 def _use_winograd(part: nn.Module, dtype: torch.dtype) -> int:
@@ -139,8 +145,11 @@ def _use_winograd(part: nn.Module, dtype: torch.dtype) -> int:
     the casts: the weights are packed from their fp32 values. Returns how many."""
     if not ops.winograd_usable(dtype):
         return 0
+    # A CoordConv layer's conv (a ConvModule with coords) is never called as a module:
+    # ops.coord_conv2d reads its weight.
     swaps = [(parent, name, child) for parent in part.modules() for name, child in parent.named_children()
              if ops.WinogradConv2d.eligible(child) and child.weight.device.type == "cpu"
+             and not getattr(parent, "coords", None)
              and ops.winograd_profitable(child.in_channels, child.out_channels, dtype)]
     for parent, name, child in swaps:
         setattr(parent, name, ops.WinogradConv2d(child, dtype))
@@ -150,17 +159,19 @@ def _use_winograd(part: nn.Module, dtype: torch.dtype) -> int:
 class FastNetwork:
     """The copy of ``parts`` (backbone, neck, head) in the fast form, its weights in
     ``dtype`` (None: as they are); ``__call__(batch)`` gives what
-    ``head(neck(backbone(batch)))`` gives, contiguous, in the batch's dtype."""
+    ``head(neck(backbone(batch)))`` gives, contiguous, in the batch's dtype (the head's
+    ``any_layout_outputs`` excepted, see :func:`_contiguous`)."""
 
     def __init__(self, parts: List[nn.Module], dtype: Optional[torch.dtype] = None):
         self.dtype = dtype
         with torch.no_grad():
             self.parts = [copy.deepcopy(p).eval() for p in parts]
             self.folded = sum(fold_batchnorm(p) for p in self.parts)  # folded in the weights' dtype
+            self.winograd = 0
             for p in self.parts:
                 for param in p.parameters():
                     param.requires_grad_(False)
-                self.winograd = _use_winograd(p, dtype or _param_dtype(p))
+                self.winograd += _use_winograd(p, dtype or _param_dtype(p))
                 p.to(dtype=dtype, memory_format=torch.channels_last)
                 _leave_channels_last_early(p)
 

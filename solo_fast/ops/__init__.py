@@ -1,4 +1,5 @@
-"""Public ops of DESIGN.md §2.
+"""Public ops of DESIGN.md §2 (``__all__``); the other names here are what the model's CPU
+fast form asks of the ops (``winograd_usable``, ``WinogradConv2d``, ``brgemm_reads``, ...).
 
 Each op lives in its own module ``_<op>.py``: the public wrapper, which checks its inputs
 once and dispatches to a backend (``_dispatch.py``), and all of its implementations --
@@ -10,6 +11,7 @@ device and falls back to ``"reference"``. Each fast path guards its own optional
 dependency (the compiled extension, triton) and stays silent when it is absent.
 """
 from ._binary_masks import binary_masks_x4, binary_masks_x4_is_fast
+from ._brgemm import usable as brgemm_reads
 from ._cell_masks import cell_masks, cell_masks_are_dense
 from ._center_region import center_region_assign, center_region_assign_batch
 from ._coord_conv import coord_conv2d
@@ -33,13 +35,9 @@ __all__ = [
     "masks_to_boxes",
     "cell_masks",
     "binary_masks_x4",
-    "binary_masks_x4_is_fast",
     "cell_masks_are_dense",
     "available_backends",
     "network_form",
     "winograd_conv3x3",
     "winograd_pack",
-    "winograd_usable",
-    "winograd_profitable",
-    "WinogradConv2d",
 ]

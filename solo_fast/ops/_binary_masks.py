@@ -6,11 +6,13 @@ whose size is a multiple of 32). The reference is
 :func:`reference.binary_masks_x4`: ``F.interpolate`` then ``>``.
 
 "cpu": ``torch.ops.solo_fast.binary_masks_x4`` (csrc/cpu/binary_masks_x4_kernel.cpp). It
-uses torch's own arithmetic for a one-channel map (along W, then along H, each
-``fma(v0, w0, v1 * w1)``), so the masks are the reference's bit for bit. There is no fp32
+uses torch's own arithmetic for a one-channel map with an output of H + W > 128 (along W,
+then along H, each ``fma(v0, w0, v1 * w1)``; smaller outputs, which torch resizes with
+another kernel, go to the reference), so the masks are the reference's bit for bit. There is no fp32
 map at full size; the reference needs 430 MB for 100 masks at 800x1344, or a loop over
-small chunks. Its first use on a machine compares it with ``F.interpolate`` on a random
-map, and where they differ in any bit (another torch kernel) it is not used.
+small chunks. Its first use in a process compares it with ``F.interpolate`` on a random
+map at thresholds that see a one-ulp difference (:func:`probe_thresholds`); where they
+differ (another torch kernel or build) it is not used.
 """
 from __future__ import annotations
 
@@ -53,14 +55,23 @@ def binary_masks_x4_is_fast(device: Union[str, torch.device] = "cpu", backend: O
 _backend.register("binary_masks_x4", "reference", always)(reference.binary_masks_x4)
 
 
+def probe_thresholds(values: torch.Tensor, count: int = 64) -> torch.Tensor:
+    """Thresholds that see one ulp: ``count`` of the reference's own resized values. At
+    ``thr`` = a pixel's value that pixel is outside; a kernel that rounds it one ulp up puts
+    it inside."""
+    flat = values.flatten()
+    return flat[torch.linspace(0, flat.numel() - 1, count).long()].unique()
+
+
 @functools.lru_cache(maxsize=None)
 def _matches_torch() -> bool:
-    """The kernel against F.interpolate on a random map, bit for bit, once per process."""
+    """The kernel against F.interpolate on a random map, once per process: the masks at
+    thresholds taken from the reference's own values, bit for bit."""
     g = torch.Generator().manual_seed(0)
     soft = torch.rand(2, 13, 21, generator=g)
     want = torch.nn.functional.interpolate(soft[:, None], size=(52, 84), mode="bilinear", align_corners=False)[:, 0]
-    got_thr = [(torch.ops.solo_fast.binary_masks_x4(soft, 50, 81, t), want[:, :50, :81] > t) for t in (0.3, 0.5, 0.7)]
-    return all(torch.equal(a, b) for a, b in got_thr)
+    return all(torch.equal(torch.ops.solo_fast.binary_masks_x4(soft, 50, 81, float(t)), want[:, :50, :81] > t)
+               for t in probe_thresholds(want[:, :50, :81]))
 
 
 def _cpu_available(device_type: str) -> bool:
@@ -74,6 +85,9 @@ def _cpu_available(device_type: str) -> bool:
 
 @_backend.register("binary_masks_x4", "cpu", _cpu_available)
 def binary_masks_x4_cpu(soft: torch.Tensor, crop, mask_thr: float) -> torch.Tensor:
+    h, w = soft.shape[1:]
+    if 4 * (h + w) <= 128:  # torch resizes such small outputs with another kernel: its own
+        return reference.binary_masks_x4(soft, crop, mask_thr)
     if soft.dtype != torch.float32:  # the reference resizes in fp32 too
         soft = soft.float()
     return torch.ops.solo_fast.binary_masks_x4(soft, crop[0], crop[1], mask_thr)

@@ -33,8 +33,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from .. import _backend, _checks
-from . import reference
+from .. import _backend, _checks, _ext
+from . import _brgemm, reference
 from ._dispatch import always, autocast_off, resolve
 from ._triton_support import interpreting, lazy_triton_op, opaque_under_interpreter
 
@@ -173,12 +173,10 @@ def _channels_last_rows(features: torch.Tensor, kernels: torch.Tensor) -> Option
     exactly representable in it (bf16 features with bf16-valued kernels, as the bf16
     network gives them). Otherwise None, and under torch.compile, which traces the plain
     formulation (these checks read data pointers and values)."""
-    from ._winograd import _usable
-
     if torch.compiler.is_compiling():
         return None
     e, h, w = features.shape
-    if features.dtype not in (torch.float32, torch.bfloat16) or not _usable(features.dtype):
+    if features.dtype not in (torch.float32, torch.bfloat16) or not _brgemm.usable(features.dtype):
         return None
     # Contiguous features (also those whose H*W or E is 1: both layouts at once) take the
     # reference's GEMM, bit for bit.
@@ -193,6 +191,11 @@ def _channels_last_rows(features: torch.Tensor, kernels: torch.Tensor) -> Option
 
 
 _backend.register("mask_predict", "cpu", lambda device_type: device_type == "cpu")(mask_predict_cpu)
+
+if _ext.available() and hasattr(torch.ops.solo_fast, "mask_logits"):
+    @torch.library.register_fake("solo_fast::mask_logits")
+    def _mask_logits_fake(features, kernels, bias):
+        return features.new_empty((kernels.shape[0], features.shape[0]), dtype=torch.float32)
 
 
 # --------------------------------------------------------------------------------------

@@ -22,7 +22,6 @@ Only the CPU fast form of the network (``modeling/fast_network.py``) uses it, th
 """
 from __future__ import annotations
 
-import functools
 import os
 from typing import Optional
 
@@ -31,27 +30,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import _checks, _ext
+from . import _brgemm
 
 WINOGRAD_DTYPES = (torch.float32, torch.bfloat16)
 _OP = "solo_fast::winograd_conv3x3"
 
 
-@functools.lru_cache(maxsize=None)
-def _usable(dtype: torch.dtype) -> bool:
-    if dtype not in WINOGRAD_DTYPES or not _ext.available():
-        return False
-    if not hasattr(torch.ops.solo_fast, "winograd_conv3x3"):
-        return False
-    return bool(torch.ops.solo_fast.brgemm_usable(dtype))
-
-
 def winograd_usable(dtype: torch.dtype) -> bool:
-    """Whether this CPU runs :func:`winograd_conv3x3` in ``dtype``: the extension is built, and
-    its GEMM micro-kernel reads :func:`winograd_pack`'s layout. ``SOLO_FAST_CPU_WINOGRAD=0``
-    says no everywhere."""
+    """Whether the CPU fast network uses :func:`winograd_conv3x3` in ``dtype``: the extension
+    is built and brgemm runs its layout here (``_brgemm.usable``), unless
+    ``SOLO_FAST_CPU_WINOGRAD=0``. Read when a model's fast copy is built: set it before the
+    first ``predict`` (or change a weight) for it to take effect."""
     if os.environ.get("SOLO_FAST_CPU_WINOGRAD", "1") == "0":
         return False
-    return _usable(dtype)
+    return _brgemm.usable(dtype)
 
 
 def winograd_profitable(in_channels: int, out_channels: int, dtype: torch.dtype) -> bool:
@@ -75,16 +67,17 @@ def _check_packed(packed: torch.Tensor, channels: int, dtype: torch.dtype) -> No
 def winograd_pack(weight: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The weight [O, C, 3, 3] transformed and laid out for :func:`winograd_conv3x3` in ``dtype``.
 
-    U = G g G^T is computed in fp64 from the weight as given and rounded once. Pack the fp32
-    weight for bf16 too, rather than a bf16 copy, to avoid rounding it twice. Returns
+    U = G g G^T is computed in fp64 from the weight as given, then rounded to fp32 (and, for
+    bf16, that to bf16). Pack the fp32 weight for bf16 too, not a bf16 copy of it: the
+    weight would be rounded to bf16 before the transform as well. Returns
     [16, C', O], where C' is C rounded up to even for bf16. For bf16 the memory holds the
     GEMM's pairs of input channels (VNNI)."""
     _checks.tensor("weight", weight, ndim=4, dtypes=_checks.FLOAT_DTYPES)
-    if tuple(weight.shape[2:]) != (3, 3):
-        raise ValueError(f"weight: expected a 3x3 kernel [O, C, 3, 3], got {tuple(weight.shape)}")
+    if tuple(weight.shape[2:]) != (3, 3) or weight.shape[1] == 0:
+        raise ValueError(f"weight: expected a 3x3 kernel [O, C, 3, 3] with C > 0, got {tuple(weight.shape)}")
     if dtype not in WINOGRAD_DTYPES:
         raise ValueError(f"dtype: expected torch.float32 or torch.bfloat16, got {dtype!r}")
-    if not _usable(dtype):
+    if not _brgemm.usable(dtype):
         raise ValueError(f"dtype: this CPU or build has no Winograd kernel for {dtype} (winograd_usable is False)")
     if weight.device.type != "cpu":
         raise ValueError(f"weight: expected a CPU tensor, got one on {weight.device}")
@@ -105,8 +98,11 @@ def winograd_conv3x3(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch
     if bias is not None:
         _checks.tensor("bias", bias, ndim=1, dtypes=_checks.FLOAT_DTYPES)
         _checks.length("bias", bias, out_channels, "output channel")
-    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
-        raise ValueError("x: winograd_conv3x3 is inference only (no gradient); call it under torch.no_grad()")
+    if torch.is_grad_enabled():
+        for name, t in (("x", x), ("bias", bias)):
+            if t is not None and t.requires_grad:
+                raise ValueError(f"{name}: winograd_conv3x3 is inference only (no gradient), got a tensor that "
+                                 "requires grad; call it under torch.no_grad()")
     return torch.ops.solo_fast.winograd_conv3x3(x, packed, bias, out_channels)
 
 
@@ -128,7 +124,9 @@ class WinogradConv2d(nn.Module):
     It keeps the conv's ``weight``, ``bias`` and geometry, which the fast form casts as it
     casts every module. :func:`ops.coord_conv2d` reads them directly, and an input of
     another dtype or device uses them in ``F.conv2d``. The packed weights are a plain
-    attribute, not a buffer: ``.to()`` must not cast their layout."""
+    attribute, not a buffer: ``.to()`` must not cast their layout. They are a snapshot:
+    the fast network rebuilds its copy (and these modules) when the model's weights
+    change."""
 
     def __init__(self, conv: nn.Conv2d, dtype: torch.dtype):
         super().__init__()
