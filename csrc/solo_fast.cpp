@@ -26,9 +26,10 @@ TORCH_LIBRARY(solo_fast, m) {
   m.def("matrix_nms_mask_area(Tensor masks) -> Tensor");
   // Tight xyxy boxes (float [N, 4]) of bool / uint8 masks [N, H, W], zeros for empty ones.
   m.def("masks_to_boxes(Tensor masks) -> Tensor");
-  // soft [N, h, w] fp32 resized x4 (bilinear, half-pixel), cropped to [crop_h, crop_w] and
-  // thresholded (> thr): bool [N, crop_h, crop_w] (ops.binary_masks_x4).
-  m.def("binary_masks_x4(Tensor soft, int crop_h, int crop_w, float thr) -> Tensor");
+  // soft [N, h, w] fp32 resized x4 (bilinear, half-pixel), cropped to [crop_h, crop_w],
+  // resized to [out_h, out_w] where that differs, thresholded (> thr): bool [N, out_h, out_w]
+  // (ops.binary_masks_x4).
+  m.def("binary_masks_x4(Tensor soft, int crop_h, int crop_w, int out_h, int out_w, float thr) -> Tensor");
   // 3x3 / stride 1 / padding 1 convolution of a channels-last fp32 or bf16 input by
   // Winograd F(2x2, 3x3), solo_fast.ops.winograd_conv3x3: `packed` is winograd_pack(weight,
   // dtype), out_channels its weight's O; the output is channels-last in x's dtype.

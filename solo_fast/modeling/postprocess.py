@@ -49,11 +49,11 @@ def final_masks(soft: torch.Tensor, pad_shape, img_shape, ori_shape, mask_thr: f
     -- 430 MB for 100 masks at 800x1344, written once and read once -- never exist at
     once; a small buffer stays in cache and needs no fresh pages."""
     n, h, w = soft.shape
-    if (tuple(pad_shape) == (4 * h, 4 * w) and tuple(img_shape) == tuple(ori_shape)
-            and not torch.compiler.is_compiling() and ops.binary_masks_x4_is_fast(soft.device)):
-        # The input was not resized (or is resized back by the crop alone): one kernel pass,
-        # the same masks bit for bit, no fp32 map at full size.
-        return ops.binary_masks_x4(soft, tuple(img_shape), mask_thr)
+    if (tuple(pad_shape) == (4 * h, 4 * w) and not torch.compiler.is_compiling()
+            and ops.binary_masks_x4_is_fast(soft.device)):
+        # Both resizes and the threshold in one kernel pass: the same masks bit for bit, no
+        # fp32 map at full size.
+        return ops.binary_masks_x4(soft, tuple(img_shape), mask_thr, tuple(ori_shape))
     out = torch.empty((n, *ori_shape), dtype=torch.bool, device=soft.device)
     budget = RESIZE_CHUNK_ELEMS if soft.device.type == "cpu" else RESIZE_CHUNK_ELEMS_GPU
     step = max(1, budget // max(1, pad_shape[0] * pad_shape[1]))

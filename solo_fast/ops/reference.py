@@ -82,12 +82,17 @@ def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
     return torch.where(rows.any(1, keepdim=True), boxes, torch.zeros_like(boxes))
 
 
-def binary_masks_x4(soft: torch.Tensor, crop, mask_thr: float) -> torch.Tensor:
-    """[N, h, w] -> bool [N, crop[0], crop[1]]: bilinear x4 (half-pixel centres) in fp32, the
-    top-left crop, ``> mask_thr``."""
+def binary_masks_x4(soft: torch.Tensor, crop, mask_thr: float, size=None) -> torch.Tensor:
+    """[N, h, w] -> bool [N, *size]: bilinear x4 (half-pixel centres) in fp32, the top-left
+    ``crop``, bilinear again to ``size`` where that differs from the crop (default: the
+    crop), ``> mask_thr``. Post-processing's last step: soft masks at stride 4 to the padded
+    input, cropped to the resized image, resized to the original image."""
     n, h, w = soft.shape
     s = F.interpolate(soft[:, None].float(), size=(4 * h, 4 * w), mode="bilinear", align_corners=False)
-    return s[:, 0, : crop[0], : crop[1]] > mask_thr
+    s = s[:, :, : crop[0], : crop[1]]
+    if size is not None and tuple(size) != tuple(crop):
+        s = F.interpolate(s, size=tuple(size), mode="bilinear", align_corners=False)
+    return s[:, 0] > mask_thr
 
 
 def downsample_masks(masks: torch.Tensor, stride: int) -> torch.Tensor:
