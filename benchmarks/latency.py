@@ -192,6 +192,21 @@ def op_cases(device, quick: bool) -> List[Dict]:
     cases.append(dict(op="masks_to_boxes", label=f"26 masks {ph}x{pw - 11}", make=make_boxes,
                       bytes=26 * ph * (pw - 11)))
 
+    # Post-processing's last step for a photo resized to the test size: stride-4 soft masks
+    # -> padded input (x4) -> crop to the resized image -> the photo's size, > 0.5.
+    for pad, img, ori in (((448, 768), (448, 747), (800, 1333)), ((ph, pw), (ph, pw - 11), (ph, pw - 11))):
+        if quick:
+            pad, img, ori = tuple(v // 2 for v in pad), tuple(v // 2 for v in img), tuple(v // 2 for v in ori)
+            pad = (pad[0] // 4 * 4, pad[1] // 4 * 4)
+
+        def make_final(pad=pad, img=img, ori=ori):
+            g = torch.Generator().manual_seed(0)
+            soft = torch.rand(54, pad[0] // 4, pad[1] // 4, generator=g).to(device)
+            return lambda b: ops.binary_masks_x4(soft, img, 0.5, ori, backend=b)
+        cases.append(dict(op="binary_masks_x4", label=f"54 masks {pad[0] // 4}x{pad[1] // 4} -> {img[0]}x{img[1]} -> "
+                                                      f"{ori[0]}x{ori[1]}", make=make_final,
+                          bytes=54 * ori[0] * ori[1]))
+
     # Winograd against oneDNN's direct conv (the "reference" column here), channels-last,
     # weights cycled so that each call reads them from memory as in a model: the 3x3 layers
     # of SOLOv2 R50 at 800x1344 (half that with --quick).
