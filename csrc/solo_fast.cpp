@@ -35,9 +35,10 @@ TORCH_LIBRARY(solo_fast, m) {
   // dtype), out_channels its weight's O; the output is channels-last in x's dtype.
   m.def("winograd_pack(Tensor weight, ScalarType dtype) -> Tensor");
   m.def("winograd_conv3x3(Tensor x, Tensor packed, Tensor? bias, int out_channels) -> Tensor");
-  // Whether torch's brgemm micro-kernel runs dtype's GEMMs from the layout of cpu/brgemm.h
-  // on this CPU (winograd_conv3x3 and mask_logits need it).
-  m.def("brgemm_usable(ScalarType dtype) -> bool");
+  // The micro-kernel of dtype's GEMMs in winograd_conv3x3 and mask_logits on this CPU
+  // ("brgemm", "avx2", or "none": they do not run), after setting float32's to `want`
+  // ("auto" / "brgemm" / "avx2"; "" leaves it) -- tests run both kernels where both exist.
+  m.def("cpu_gemm_kernel(ScalarType dtype, str want=\"\") -> str");
   // ops.mask_predict's GEMM for channels-last features: logits [K, n] fp32 = kernels [K, E]
   // @ features[n, E]^T + bias, fp32 or bf16 features (kernels cast to their dtype).
   m.def("mask_logits(Tensor features, Tensor kernels, Tensor? bias) -> Tensor");

@@ -40,3 +40,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(params=["brgemm", "avx2"])
+def f32_gemm(request):
+    """Runs a test once per fp32 GEMM micro-kernel of winograd_conv3x3 / mask_logits that this
+    CPU has (torch's brgemm on AVX-512, solo_fast's AVX2 one; both on AVX-512 machines),
+    skipping the others; the default choice is restored after."""
+    from solo_fast.ops import _brgemm
+
+    if request.param not in _brgemm.available_f32_kernels():
+        pytest.skip(f"no {request.param} fp32 GEMM kernel on this CPU/build")
+    torch.ops.solo_fast.cpu_gemm_kernel(torch.float32, request.param)
+    try:
+        yield request.param
+    finally:
+        torch.ops.solo_fast.cpu_gemm_kernel(torch.float32, "auto")

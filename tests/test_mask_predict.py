@@ -112,7 +112,10 @@ def test_cpu_model_sized():
         assert torch.equal(g, w)
 
 
-@pytest.mark.parametrize("shape", [(9, 32, 12, 20), (40, 256, 25, 42), (1, 7, 1, 1), (70, 33, 17, 21), (130, 64, 5, 9)])
+CL_SHAPES = [(9, 32, 12, 20), (40, 256, 25, 42), (1, 7, 1, 1), (70, 33, 17, 21), (130, 64, 5, 9)]
+
+
+@pytest.mark.parametrize("shape", CL_SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpu_channels_last_features(shape, dtype):
     # The CPU fast network hands SOLOv2's mask features on channels-last, in bf16 under
@@ -129,7 +132,16 @@ def test_cpu_channels_last_features(shape, dtype):
     check_mask_predict(got, f_cl, k, b, 0.5, eps=2.0**-22, soft_atol=1e-6)
 
 
-@pytest.mark.skipif(not ops.brgemm_reads(torch.float32), reason="no brgemm GEMM on this CPU/build")
+@pytest.mark.parametrize("shape", CL_SHAPES)
+def test_cpu_channels_last_fp32_each_gemm_kernel(shape, f32_gemm):
+    f, k, b = make(*shape)
+    f_cl = f[None].contiguous(memory_format=torch.channels_last)[0]
+    if shape[0] and not f_cl.is_contiguous():
+        assert _mask_predict._channels_last_rows(f_cl, k) is not None
+    check_mask_predict(ops.mask_predict(f_cl, k, b, backend="cpu"), f_cl, k, b, 0.5, eps=2.0**-22, soft_atol=1e-6)
+
+
+@pytest.mark.skipif(not ops.brgemm_reads(torch.float32), reason="no fp32 GEMM micro-kernel on this CPU/build")
 def test_mask_logits_without_bias_and_opcheck():
     f, k, _ = make(70, 33, 17, 21, bias=False)
     f_cl = f[None].contiguous(memory_format=torch.channels_last)[0]

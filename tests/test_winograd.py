@@ -11,7 +11,8 @@ from solo_fast.modeling.fast_network import FastNetwork
 
 usable32 = ops.brgemm_reads(torch.float32)
 usable16 = ops.brgemm_reads(torch.bfloat16)
-needs32 = pytest.mark.skipif(not usable32, reason="no fp32 Winograd kernel on this CPU/build (AVX-512 brgemm)")
+needs32 = pytest.mark.skipif(not usable32, reason="no fp32 Winograd kernel on this CPU/build (AVX-512 brgemm or "
+                                                  "AVX2 + FMA)")
 needs16 = pytest.mark.skipif(not usable16, reason="no bf16 Winograd kernel on this CPU/build (AVX512-BF16 "
                                                   "brgemm without AMX packing)")
 
@@ -42,7 +43,7 @@ def _bound(x, wt, b):
 @needs32
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_fp32_matches_conv2d(shape, with_bias):
+def test_fp32_matches_conv2d(shape, with_bias, f32_gemm):
     x, wt, b = _data(*shape)
     b = b if with_bias else None
     got = ops.winograd_conv3x3(x.contiguous(memory_format=torch.channels_last), ops.winograd_pack(wt), b)

@@ -6,15 +6,23 @@
 // On AMX oneDNN wants its own packing (cpublas::could_pack), and without AVX-512 (for bf16,
 // AVX512-BF16) the ukernel is missing and brgemm falls back to a slow loop: brgemm_usable
 // says where this layout runs fast, checked once per dtype, then on a small GEMM.
+//
+// Where it does not, fp32 GEMMs run cpu/gemm_avx2.h's micro-kernel on AVX2 + FMA CPUs,
+// from the same B layout: gemm_kernel(dtype) says which kernel the callers use (none: they
+// keep oneDNN / MKL), gemm() and gemm_release() run it.
 #pragma once
 
 #include <ATen/ATen.h>
 #include <ATen/native/CPUBlas.h>
 #include <c10/util/BFloat16.h>
 
+#include <atomic>
 #include <exception>
 #include <mutex>
+#include <string>
 #include <vector>
+
+#include "cpu/gemm_avx2.h"
 
 namespace solo_fast {
 namespace cpu {
@@ -80,6 +88,69 @@ inline bool brgemm_usable(at::ScalarType dtype) {
     }
   });
   return ok[idx];
+}
+
+enum class Gemm { none = 0, brgemm = 1, avx2 = 2 };
+
+inline const char* gemm_name(Gemm g) { return g == Gemm::brgemm ? "brgemm" : g == Gemm::avx2 ? "avx2" : "none"; }
+
+// fp32's kernel as set by set_f32_gemm (-1: the default). Tests run the AVX2 kernel on
+// AVX-512 machines too through it.
+inline std::atomic<int>& f32_gemm_choice() {
+  static std::atomic<int> choice{-1};
+  return choice;
+}
+
+// The kernel that dtype's GEMMs use here: brgemm where it is fast, else for fp32 the AVX2
+// micro-kernel, else none.
+inline Gemm gemm_kernel(at::ScalarType dtype) {
+  if (dtype == at::kFloat) {
+    const int chosen = f32_gemm_choice().load();
+    if (chosen >= 0) return static_cast<Gemm>(chosen);
+  }
+  if (brgemm_usable(dtype)) return Gemm::brgemm;
+  if (dtype == at::kFloat && avx2::supported()) return Gemm::avx2;
+  return Gemm::none;
+}
+
+// Sets fp32's kernel ("auto": the default); false where that kernel does not run here.
+inline bool set_f32_gemm(const std::string& name) {
+  if (name == "auto") {
+    f32_gemm_choice().store(-1);
+    return true;
+  }
+  if (name == "brgemm" && brgemm_usable(at::kFloat)) {
+    f32_gemm_choice().store(static_cast<int>(Gemm::brgemm));
+    return true;
+  }
+  if (name == "avx2" && avx2::supported()) {
+    f32_gemm_choice().store(static_cast<int>(Gemm::avx2));
+    return true;
+  }
+  return false;
+}
+
+// C[M][N] = A[M][K] @ B[K][N] in the layout above (fp32 C); `g` from gemm_kernel, not none.
+template <class T>
+inline void gemm(Gemm g, int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldc, const T* a,
+                 const T* b, float* c) {
+  constexpr bool bf16 = std::is_same<T, c10::BFloat16>::value;
+  if (g == Gemm::brgemm) {
+    at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, false, a, b, c, bf16);
+    return;
+  }
+  if constexpr (!bf16) {
+    if (g == Gemm::avx2) {
+      avx2::gemm(m, n, k, a, lda, b, ldb, c, ldc);
+      return;
+    }
+  }
+  TORCH_CHECK(false, "gemm: no ", gemm_name(g), " kernel for this dtype");
+}
+
+// What a thread calls after its last gemm() of a region (brgemm's per-thread state).
+inline void gemm_release(Gemm g, bool bf16) {
+  if (g == Gemm::brgemm) at::native::cpublas::brgemm_release(bf16);
 }
 
 }  // namespace cpu

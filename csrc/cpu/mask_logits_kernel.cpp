@@ -5,14 +5,15 @@
 // The features' rows are the GEMM's A operand as they lie; kernels^T, laid out once per
 // call in cpu/brgemm.h's B layout (panels of kCols kernels), is B. Each block of kRows pixels and kCols kernels is one brgemm
 // call into a small fp32 buffer that stays in L1, written out transposed with the bias:
-// no [n][K] intermediate and no conversion of the features to fp32. brgemm_usable (the
-// op of the same name) says where this runs.
+// no [n][K] intermediate and no conversion of the features to fp32. cpu::gemm_kernel (op
+// cpu_gemm_kernel) says where this runs and with which micro-kernel.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <string>
 #include <vector>
 
 #include "cpu/brgemm.h"
@@ -45,7 +46,7 @@ std::vector<T> kernel_panels(const T* kern, int64_t k, int64_t e, int64_t ep) {
 
 template <class T>
 void logits_blocks(const T* feats, int64_t n, int64_t e, const T* b_op, int64_t ep, int64_t k, const float* bias,
-                   float* out) {
+                   float* out, cpu::Gemm g) {
   constexpr bool bf16 = std::is_same<T, c10::BFloat16>::value;
   const int64_t blocks = (n + kRows - 1) / kRows;
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
@@ -62,8 +63,7 @@ void logits_blocks(const T* feats, int64_t n, int64_t e, const T* b_op, int64_t 
       }
       for (int64_t k0 = 0; k0 < k; k0 += kCols) {
         const int64_t kb = std::min(kCols, k - k0);
-        at::native::cpublas::brgemm(kRows, kCols, ep, lda, kCols, kCols, false, a, b_op + (k0 / kCols) * ep * kCols,
-                                    c.data(), bf16);
+        cpu::gemm(g, kRows, kCols, ep, lda, kCols, kCols, a, b_op + (k0 / kCols) * ep * kCols, c.data());
         for (int64_t kk = 0; kk < kb; ++kk) {
           const float add = bias ? bias[k0 + kk] : 0.0f;
           float* row = out + (k0 + kk) * n + j0;
@@ -71,7 +71,7 @@ void logits_blocks(const T* feats, int64_t n, int64_t e, const T* b_op, int64_t 
         }
       }
     }
-    at::native::cpublas::brgemm_release(bf16);
+    cpu::gemm_release(g, bf16);
   });
 }
 
@@ -84,7 +84,8 @@ Tensor mask_logits_cpu(const Tensor& features, const Tensor& kernels, const c10:
               "], got ", kernels.sizes());
   TORCH_CHECK(features.size(1) > 0, "features: expected at least one channel, got ", features.sizes());
   TORCH_CHECK(features.is_cpu() && kernels.is_cpu(), "features, kernels: expected CPU tensors");
-  TORCH_CHECK(cpu::brgemm_usable(dt), "mask_logits: brgemm_usable(", dt, ") is false on this CPU");
+  const cpu::Gemm g = cpu::gemm_kernel(dt);
+  TORCH_CHECK(g != cpu::Gemm::none, "mask_logits: no ", dt, " GEMM kernel on this CPU");
   const bool bf16 = dt == at::kBFloat16;
   const int64_t n = features.size(0), e = features.size(1), k = kernels.size(0), ep = cpu::padded_k(e, bf16);
   Tensor b;
@@ -98,15 +99,24 @@ Tensor mask_logits_cpu(const Tensor& features, const Tensor& kernels, const c10:
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
   if (bf16) {
     const auto panels = kernel_panels(kt.data_ptr<c10::BFloat16>(), k, e, ep);
-    logits_blocks(features.data_ptr<c10::BFloat16>(), n, e, panels.data(), ep, k, bp, out.data_ptr<float>());
+    logits_blocks(features.data_ptr<c10::BFloat16>(), n, e, panels.data(), ep, k, bp, out.data_ptr<float>(), g);
   } else {
     const auto panels = kernel_panels(kt.data_ptr<float>(), k, e, ep);
-    logits_blocks(features.data_ptr<float>(), n, e, panels.data(), ep, k, bp, out.data_ptr<float>());
+    logits_blocks(features.data_ptr<float>(), n, e, panels.data(), ep, k, bp, out.data_ptr<float>(), g);
   }
   return out;
 }
 
-bool brgemm_usable_op(at::ScalarType dtype) { return cpu::brgemm_usable(dtype); }
+// The GEMM kernel of dtype here ("brgemm", "avx2" or "none"), after setting fp32's to `want`
+// ("auto", "brgemm", "avx2"; "" leaves it).
+std::string cpu_gemm_kernel_op(at::ScalarType dtype, c10::string_view want) {
+  if (!want.empty()) {
+    TORCH_CHECK(dtype == at::kFloat, "cpu_gemm_kernel: only float32's kernel can be chosen, got ", dtype);
+    TORCH_CHECK(cpu::set_f32_gemm(std::string(want)), "cpu_gemm_kernel: no '", std::string(want),
+                "' kernel on this CPU");
+  }
+  return cpu::gemm_name(cpu::gemm_kernel(dtype));
+}
 
 }  // namespace
 }  // namespace solo_fast
@@ -116,5 +126,5 @@ TORCH_LIBRARY_IMPL(solo_fast, CPU, m) {
 }
 
 TORCH_LIBRARY_IMPL(solo_fast, CompositeExplicitAutograd, m) {
-  m.impl("brgemm_usable", &solo_fast::brgemm_usable_op);
+  m.impl("cpu_gemm_kernel", &solo_fast::cpu_gemm_kernel_op);
 }

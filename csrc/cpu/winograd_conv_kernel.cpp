@@ -10,13 +10,14 @@
 //      even for bf16's pairs, the extra column zero);
 //   2. per block of kOutBlock output channels, 16 GEMMs M[p] = V[p] @ U[p] (tiles x Cp by
 //      Cp x ob, fp32 accumulation) with torch's brgemm micro-kernel (oneDNN's JIT ukernel:
-//      AVX-512 fp32 FMA, AVX512-BF16 dot products), U = G g G^T packed once per weight;
+//      AVX-512 fp32 FMA, AVX512-BF16 dot products) or, for fp32 without it, the AVX2 one
+//      (cpu/gemm_avx2.h), U = G g G^T packed once per weight;
 //   3. output transform: Y = A^T M A + bias, rounded once to the output dtype.
 // Every GEMM call has M = `tiles` (a block's unused rows of V are zeros), so torch's
 // per-thread cache of JIT kernels holds one per layer shape, not one per tail.
 // The working set (V, M) stays in L2; U streams from L3 once per block of tiles.
 //
-// The GEMM's B operand is in cpu/brgemm.h's layout; where brgemm_usable says no, the caller
+// The GEMM's B operand is in cpu/brgemm.h's layout; where gemm_kernel says none, the caller
 // keeps oneDNN's direct convolution.
 #include <ATen/ATen.h>
 #include <ATen/native/CPUBlas.h>
@@ -101,7 +102,7 @@ Scratch<T>& scratch() {
   return s;
 }
 
-// The transforms, for the baseline ISA and for AVX-512 (see winograd_transforms.h).
+// The transforms, for the baseline ISA, AVX2 and AVX-512 (see winograd_transforms.h).
 namespace generic {
 #include "cpu/winograd_transforms.h"
 }  // namespace generic
@@ -111,11 +112,17 @@ namespace avx512 {
 #include "cpu/winograd_transforms.h"
 }  // namespace avx512
 #pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+#include "cpu/winograd_transforms.h"
+}  // namespace avx2
+#pragma GCC pop_options
 
 using cpu::has_avx512;
 
 template <class T>
-void forward_block(const Shape& s, const T* x, const T* u, const float* bias, T* y, int64_t item) {
+void forward_block(const Shape& s, const T* x, const T* u, const float* bias, T* y, int64_t item, cpu::Gemm g) {
   constexpr bool bf16 = std::is_same<T, c10::BFloat16>::value;
   const int64_t per_image = s.th * s.tw;
   const int64_t n = item / s.blocks_per_image;
@@ -146,6 +153,8 @@ void forward_block(const Shape& s, const T* x, const T* u, const float* bias, T*
     T* vt = v + t * s.cp;
     if (has_avx512())
       avx512::input_transform(rows, s.c, vt, ldv);
+    else if (cpu::avx2::supported())
+      avx2::input_transform(rows, s.c, vt, ldv);
     else
       generic::input_transform(rows, s.c, vt, ldv);
     for (int64_t k = s.c; k < s.cp; ++k)
@@ -160,8 +169,7 @@ void forward_block(const Shape& s, const T* x, const T* u, const float* bias, T*
     const int64_t ob = std::min(kOutBlock, s.o - o0);
     for (int p = 0; p < kPos; ++p) {
       const T* up = u + p * s.cp * s.o + (bf16 ? 2 * o0 : o0);
-      at::native::cpublas::brgemm(s.tiles, ob, s.cp, s.cp, s.o, kOutBlock, false, v + p * ldv, up, m + p * s.tiles * kOutBlock,
-                                  bf16);
+      cpu::gemm(g, s.tiles, ob, s.cp, s.cp, s.o, kOutBlock, v + p * ldv, up, m + p * s.tiles * kOutBlock);
     }
     for (int64_t t = 0; t < nt; ++t) {
       const int64_t oy = 2 * ((t0 + t) / s.tw), ox = 2 * ((t0 + t) % s.tw);
@@ -172,6 +180,8 @@ void forward_block(const Shape& s, const T* x, const T* u, const float* bias, T*
       const float* bo = bias ? bias + o0 : nullptr;
       if (has_avx512())
         avx512::output_transform(m + t * kOutBlock, s.tiles * kOutBlock, bo, ob, outs);
+      else if (cpu::avx2::supported())
+        avx2::output_transform(m + t * kOutBlock, s.tiles * kOutBlock, bo, ob, outs);
       else
         generic::output_transform(m + t * kOutBlock, s.tiles * kOutBlock, bo, ob, outs);
     }
@@ -184,8 +194,8 @@ Tensor winograd_conv3x3_cpu(const Tensor& x, const Tensor& u, const c10::optiona
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
               "x: expected float32 or bfloat16, got ", x.scalar_type());
   TORCH_CHECK(u.scalar_type() == x.scalar_type(), "packed: expected ", x.scalar_type(), ", got ", u.scalar_type());
-  TORCH_CHECK(cpu::brgemm_usable(x.scalar_type()), "winograd_conv3x3: brgemm_usable(", x.scalar_type(),
-              ") is false on this CPU");
+  const cpu::Gemm g = cpu::gemm_kernel(x.scalar_type());
+  TORCH_CHECK(g != cpu::Gemm::none, "winograd_conv3x3: no ", x.scalar_type(), " GEMM kernel on this CPU");
   TORCH_CHECK(x.size(1) > 0, "x: expected at least one channel, got ", x.sizes());
   const bool bf16 = x.scalar_type() == at::kBFloat16;
   Shape s;
@@ -222,16 +232,16 @@ Tensor winograd_conv3x3_cpu(const Tensor& x, const Tensor& u, const c10::optiona
     const auto* up = u.data_ptr<c10::BFloat16>();
     auto* yp = y.data_ptr<c10::BFloat16>();
     at::parallel_for(0, items, grain, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) forward_block(s, xp, up, bp, yp, i);
-      at::native::cpublas::brgemm_release(bf16);
+      for (int64_t i = i0; i < i1; ++i) forward_block(s, xp, up, bp, yp, i, g);
+      cpu::gemm_release(g, bf16);
     });
   } else {
     const auto* xp = xc.data_ptr<float>();
     const auto* up = u.data_ptr<float>();
     auto* yp = y.data_ptr<float>();
     at::parallel_for(0, items, grain, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) forward_block(s, xp, up, bp, yp, i);
-      at::native::cpublas::brgemm_release(bf16);
+      for (int64_t i = i0; i < i1; ++i) forward_block(s, xp, up, bp, yp, i, g);
+      cpu::gemm_release(g, bf16);
     });
   }
   return y;

@@ -12,8 +12,9 @@ deliberately not split over K), the elementwise passes are the same kernels on t
 shapes, and the maskness sums reduce each mask's H*W values as the reference does.
 Channels-last features (the CPU fast network's SOLOv2 mask features), fp32 or bf16 with
 bf16-valued kernels, take another GEMM: ``torch.ops.solo_fast.mask_logits``
-(csrc/cpu/mask_logits_kernel.cpp, torch's brgemm micro-kernel reading the features' rows
-as they lie, the bias added as it writes). That skips a bf16 -> fp32 copy of the features
+(csrc/cpu/mask_logits_kernel.cpp, torch's brgemm micro-kernel -- or for fp32 on AVX2 CPUs
+without a fast brgemm, solo_fast's AVX2 one -- reading the features' rows as they lie, the
+bias added as it writes). That skips a bf16 -> fp32 copy of the features
 and MKL's slow transposed operand (~21 ms against ~6 ms for fp32 at 800x1344 on a Zen 5).
 Its logits are the same function summed in another order: within fp32 rounding of the
 reference, and a pixel within that rounding of ``mask_thr`` may fall either side.
@@ -169,7 +170,7 @@ def mask_predict_cpu(
 
 def _channels_last_rows(features: torch.Tensor, kernels: torch.Tensor) -> Optional[torch.Tensor]:
     """``features`` [E, H, W] as the [H*W, E] rows that ``mask_logits`` takes, where that
-    is a view (channels-last), its dtype has a brgemm kernel here, and the kernels are
+    is a view (channels-last), its dtype has a GEMM micro-kernel here, and the kernels are
     exactly representable in it (bf16 features with bf16-valued kernels, as the bf16
     network gives them). Otherwise None, and under torch.compile, which traces the plain
     formulation (these checks read data pointers and values)."""

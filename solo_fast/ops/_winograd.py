@@ -12,7 +12,8 @@ input channel instead of 36, and sums them in another order.
   convolution's error.
 
 The kernel is ``csrc/cpu/winograd_conv_kernel.cpp``. Its GEMMs are torch's brgemm
-micro-kernel, which needs AVX-512 for fp32 and AVX512-BF16 for bf16.
+micro-kernel, which needs AVX-512 for fp32 and AVX512-BF16 for bf16, or for fp32 without
+AVX-512 solo_fast's AVX2 + FMA micro-kernel (``ops._brgemm``).
 :func:`winograd_usable` says whether this CPU runs it, after a check on a small GEMM.
 Where oneDNN would need its own weight packing (AMX), it says no, and the caller keeps
 oneDNN's direct convolution. Inference only: the op has no gradient.
@@ -38,7 +39,7 @@ _OP = "solo_fast::winograd_conv3x3"
 
 def winograd_usable(dtype: torch.dtype) -> bool:
     """Whether the CPU fast network uses :func:`winograd_conv3x3` in ``dtype``: the extension
-    is built and brgemm runs its layout here (``_brgemm.usable``), unless
+    is built and a GEMM micro-kernel runs its layout here (``_brgemm.usable``), unless
     ``SOLO_FAST_CPU_WINOGRAD=0``. Read when a model's fast copy is built: set it before the
     first ``predict`` (or change a weight) for it to take effect."""
     if os.environ.get("SOLO_FAST_CPU_WINOGRAD", "1") == "0":
